@@ -7,19 +7,21 @@ become one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 
 import click
 
-from rsitr.cli import protocol  # noqa: F401  (registers commands)
+from rsitr.cli import (
+    protocol,  # noqa: F401  (registers commands)
+    synth,  # noqa: F401  (registers commands)
+)
 from rsitr.cli._app import app
 from rsitr.errors import RsitrError
 
-try:  # optional command groups, registered when their modules exist
+with contextlib.suppress(ImportError):  # optional command groups, registered when present
     from rsitr.cli import data  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
 
 
 def run(argv: Sequence[str] | None = None) -> int:

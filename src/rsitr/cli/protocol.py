@@ -27,9 +27,7 @@ def relevance_for(scores_shape: tuple[int, int], cpi: int, path: str) -> Relevan
         raise ConfigError(f"--captions-per-image must be >= 1, got {cpi}")
     n_img, n_cap = scores_shape
     if n_cap % cpi:
-        raise DataError(
-            f"{n_cap} columns are not divisible by --captions-per-image {cpi}", path=path
-        )
+        raise DataError(f"{n_cap} columns are not divisible by --captions-per-image {cpi}", path=path)
     if n_cap != n_img * cpi:
         raise DataError(
             f"{n_cap} columns make {n_cap // cpi} images at {cpi} captions per image, "
@@ -52,8 +50,12 @@ def load_rerank_config(path: Path) -> tuple[str, dict[str, Any]]:
 
 @app.command("evaluate-scores")
 def evaluate_scores_cmd(
-    scores_path: Annotated[Path, typer.Argument(metavar="SCORES.npy", help="(n_images, n_captions) score matrix.")],
-    captions_per_image: Annotated[int, typer.Option("--captions-per-image", help="Captions of image i are columns cpi·i…cpi·i+cpi−1.")] = 5,
+    scores_path: Annotated[
+        Path, typer.Argument(metavar="SCORES.npy", help="(n_images, n_captions) score matrix.")
+    ],
+    captions_per_image: Annotated[
+        int, typer.Option("--captions-per-image", help="Captions of image i are columns cpi·i…cpi·i+cpi−1.")
+    ] = 5,
     ties: Annotated[str, typer.Option(help="Tie policy: pessimistic|optimistic.")] = "pessimistic",
     rerank_name: Annotated[str, typer.Option("--rerank", help=f"Reranker: {RERANK_CHOICES}.")] = "none",
     k: Annotated[int | None, typer.Option("--k", help="Top-k candidates (reverse-rank, mr, smr).")] = None,
@@ -62,7 +64,9 @@ def evaluate_scores_cmd(
     wp1: Annotated[float | None, typer.Option("--wp1", help="MR Wp1.")] = None,
     wp2: Annotated[float | None, typer.Option("--wp2", help="MR Wp2.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Inverted-softmax τ.")] = None,
-    rerank_config: Annotated[Path | None, typer.Option("--rerank-config", help="YAML written by tune-rerank.")] = None,
+    rerank_config: Annotated[
+        Path | None, typer.Option("--rerank-config", help="YAML written by tune-rerank.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Evaluate a saved score matrix with the RSITR protocol, optionally after reranking."""
@@ -99,12 +103,16 @@ def evaluate_scores_cmd(
 
 @app.command("tune-rerank")
 def tune_rerank_cmd(
-    scores_path: Annotated[Path, typer.Argument(metavar="VAL_SCORES.npy", help="Validation score matrix (never test).")],
+    scores_path: Annotated[
+        Path, typer.Argument(metavar="VAL_SCORES.npy", help="Validation score matrix (never test).")
+    ],
     rerank_name: Annotated[str, typer.Option("--rerank", help="smr|mr")] = "smr",
     captions_per_image: Annotated[int, typer.Option("--captions-per-image")] = 5,
     ks: Annotated[str, typer.Option("--k-list", help="Comma-separated k values.")] = "10,20,30",
     ties: Annotated[str, typer.Option(help="Tie policy: pessimistic|optimistic.")] = "pessimistic",
-    out: Annotated[Path, typer.Option("--out", help="Where to save the best parameters (YAML).")] = Path("rerank.yaml"),
+    out: Annotated[Path, typer.Option("--out", help="Where to save the best parameters (YAML).")] = Path(
+        "rerank.yaml"
+    ),
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Grid-search SMR (γ1, γ2 ∈ 0.5…2.0) or MR (Wp1, Wp2) and k on validation scores."""
@@ -123,7 +131,11 @@ def tune_rerank_cmd(
     with Progress(console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task(f"tuning {rerank_name}", total=None)
         result = tune_rerank(
-            scores, rel, rerank_name, k_values, ties,  # type: ignore[arg-type]
+            scores,
+            rel,
+            rerank_name,
+            k_values,
+            ties,  # type: ignore[arg-type]
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     report = {**result.to_dict(), "source": str(scores_path)}

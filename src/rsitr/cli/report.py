@@ -18,7 +18,9 @@ def print_metrics_table(metrics: RetrievalMetrics, title: str = "") -> None:
         table.add_column(key, justify="right")
     for name in ("i2t", "t2i"):
         d = getattr(metrics, name)
-        table.add_row(name, *(f"{d[k]:.2f}" for k in ("R@1", "R@5", "R@10")), f"{d['medr']:.0f}", f"{d['meanr']:.2f}")
+        table.add_row(
+            name, *(f"{d[k]:.2f}" for k in ("R@1", "R@5", "R@10")), f"{d['medr']:.0f}", f"{d['meanr']:.2f}"
+        )
     console.print(table)
     note = f"mR {metrics.mR:.2f}  (ties: {metrics.ties}; rerank: {metrics.rerank}"
     if metrics.rerank != "none":

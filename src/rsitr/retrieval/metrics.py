@@ -114,9 +114,9 @@ def t2i_ranks(
         block = scores[:, s : s + step]
         gs = g[None, s : s + step]
         if ties == "optimistic":
-            ranks[s : s + step] = np.count_nonzero(block > gs, axis=0)
+            ranks[s : s + step] = np.add.reduce(block > gs, axis=0, dtype=np.int64)
         else:  # the caption's own image always satisfies >=, hence the -1
-            ranks[s : s + step] = np.count_nonzero(block >= gs, axis=0) - 1
+            ranks[s : s + step] = np.add.reduce(block >= gs, axis=0, dtype=np.int64) - 1
     return ranks
 
 
@@ -176,9 +176,7 @@ def validate_scores(scores: np.ndarray, rel: Relevance | None = None, name: str 
             bad = ~np.isfinite(scores[s : s + step])
             if bad.any():
                 r, c = np.argwhere(bad)[0]
-                raise DataError(
-                    f"non-finite value {scores[s + r, c]} at row {s + r}, column {c}", path=name
-                )
+                raise DataError(f"non-finite value {scores[s + r, c]} at row {s + r}, column {c}", path=name)
     if rel is not None and (scores.shape[0] != rel.num_images or scores.shape[1] != rel.num_captions):
         raise DataError(
             f"score matrix shape {scores.shape} does not match "

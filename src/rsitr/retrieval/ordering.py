@@ -6,11 +6,9 @@ lower index, so results never depend on the sort algorithm of a NumPy build.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-_CHUNK_ELEMS = 16 * 2**20  # elements per working block (≈ 128 MiB of float64)
+_CHUNK_ELEMS = 2**21  # elements per working block: 16 MiB of float64, small enough for malloc to reuse
 
 
 def topk_desc(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,72 +62,98 @@ def reverse_positions(m: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.n
     cols = np.asarray(cols, dtype=np.int64).ravel()
     n = m.shape[0]
     n_cols = np.unique(cols).size
-    cost_count = rows.size * n
-    cost_sort = 4 * n * n_cols * max(1.0, math.log2(max(n, 2)))
-    if cost_count <= cost_sort:
+    # Counting costs P·n comparisons; sorting the needed columns costs about U·n·log2(n).
+    if rows.size <= 2 * n_cols * max(1.0, np.log2(max(n, 2))):
         return _reverse_positions_count(m, rows, cols)
     return _reverse_positions_sort(m, rows, cols)
 
 
 def _reverse_positions_count(m: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Count, for each pair, the queries above it in its column (contiguous column gathers)."""
     n = m.shape[0]
     out = np.empty(rows.size, dtype=np.int64)
-    qidx = np.arange(n)[:, None]
+    ar = np.arange(n)[None, :]
     per = max(1, _CHUNK_ELEMS // max(n, 1))
+    ucols, inverse = np.unique(cols, return_inverse=True)
+    xt = np.ascontiguousarray(m[:, ucols].T)  # (U, n): column c of m as a contiguous row
     for s in range(0, rows.size, per):
-        r, c = rows[s : s + per], cols[s : s + per]
-        g = m[:, c]  # (n, P)
-        v = m[r, c][None, :]
-        out[s : s + per] = np.count_nonzero(g > v, axis=0) + np.count_nonzero(
-            (g == v) & (qidx < r[None, :]), axis=0
-        )
+        r = rows[s : s + per, None]
+        g = xt[inverse[s : s + per]]  # (P, n)
+        v = np.take_along_axis(g, r, 1)
+        out[s : s + per] = np.count_nonzero(g > v, axis=1) + np.count_nonzero((g == v) & (ar < r), axis=1)
     return out
 
 
 def _reverse_positions_sort(m: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Sort each needed column once (fast unstable sort), then fix the order inside ties."""
     n = m.shape[0]
     out = np.empty(rows.size, dtype=np.int64)
-    order = np.argsort(cols, kind="stable")
-    ucols, starts = np.unique(cols[order], return_index=True)
-    bounds = np.append(starts, order.size)
+    by_col = np.argsort(cols, kind="stable")
+    ucols, starts = np.unique(cols[by_col], return_index=True)
+    bounds = np.append(starts, by_col.size)
     per = max(1, _CHUNK_ELEMS // max(n, 1))
+    ar = np.arange(n)
     for s in range(0, ucols.size, per):
         chunk = ucols[s : s + per]
         w = chunk.size
-        argsorted = np.argsort(-m[:, chunk], axis=0, kind="stable")  # (n, w)
-        pos = np.empty((n, w), dtype=np.int64)
-        np.put_along_axis(pos, argsorted, np.arange(n)[:, None], axis=0)
-        sel = order[bounds[s] : bounds[s + w]]
-        local = np.searchsorted(chunk, cols[sel])
-        out[sel] = pos[rows[sel], local]
+        x = np.ascontiguousarray(m[:, chunk].T)  # (w, n): one row per column of m
+        order = np.argsort(-x, axis=1)  # unstable; ties are fixed below
+        sv = np.take_along_axis(x, order, 1)
+        in_tie_sorted = np.zeros((w, n), dtype=bool)
+        eq = sv[:, 1:] == sv[:, :-1]
+        in_tie_sorted[:, 1:] |= eq
+        in_tie_sorted[:, :-1] |= eq
+        pos_all = np.empty((w, n), dtype=np.int64)
+        np.put_along_axis(pos_all, order, ar[None, :], 1)
+        in_tie = np.empty((w, n), dtype=bool)
+        np.put_along_axis(in_tie, order, in_tie_sorted, 1)
+        sel = by_col[bounds[s] : bounds[s + w]]
+        lc = np.searchsorted(chunk, cols[sel])
+        q = rows[sel]
+        pos = pos_all[lc, q]
+        tied = np.flatnonzero(in_tie[lc, q])
+        # The unstable sort may misorder equal scores: count those positions exactly.
+        for t0 in range(0, tied.size, per):
+            tb = tied[t0 : t0 + per]
+            xt = x[lc[tb]]  # (T, n)
+            qt = q[tb][:, None]
+            vt = np.take_along_axis(xt, qt, 1)
+            pos[tb] = np.count_nonzero(xt > vt, axis=1) + np.count_nonzero(
+                (xt == vt) & (ar[None, :] < qt), axis=1
+            )
+        out[sel] = pos
     return out
 
 
-def scores_with_tail(
-    m: np.ndarray, cand: np.ndarray, cand_scores: np.ndarray, dtype: np.dtype | None = None
-) -> np.ndarray:
-    """Full score rows where the candidates take new scores and everything else sits below.
+def scores_with_tail(m: np.ndarray, cand: np.ndarray, cand_scores: np.ndarray) -> np.ndarray:
+    """Ranking keys: candidates ordered by their new scores, above everything else.
 
-    Non-candidates keep their original relative order (``m`` shifted per row), strictly below
-    every candidate; ties among them stay ties.
+    The candidates' new scores are replaced by their dense descending rank mapped above the
+    row's largest non-candidate score (``tail_max + 1 + k − 1 − dense_rank``), so their order and
+    their ties are kept exactly whatever the magnitude of the new scores. Non-candidates keep
+    their original scores, hence their relative order and ties.
 
     Args:
         m: (n, C) original scores.
         cand: (n, k) candidate columns of each row.
-        cand_scores: (n, k) their new scores.
-        dtype: output dtype, by default ``m``'s floating dtype (at least float32).
+        cand_scores: (n, k) their new scores (finite).
 
     Returns:
-        (n, C) scores whose descending order is: candidates by new score, then the rest.
+        (n, C) float64 keys whose descending order is: candidates by new score, then the rest.
     """
-    dtype = np.dtype(dtype or np.result_type(m.dtype, np.float32))
-    out = np.array(m, dtype=dtype, copy=True)
-    saved = np.take_along_axis(out, cand, 1)
-    np.put_along_axis(out, cand, -np.inf, 1)
-    tail_max = out.max(axis=1, keepdims=True)
-    np.put_along_axis(out, cand, saved, 1)
-    has_tail = np.isfinite(tail_max)
-    shift = np.where(has_tail, tail_max - cand_scores.min(axis=1, keepdims=True) + 1.0, 0.0)
-    out -= shift.astype(dtype)
-    np.put_along_axis(out, cand, cand_scores.astype(dtype), 1)
+    n, k = cand.shape
+    out = np.array(m, dtype=np.float64, copy=True)
+    if k == out.shape[1]:
+        tail_max = np.zeros((n, 1))
+    else:
+        np.put_along_axis(out, cand, -np.inf, 1)
+        tail_max = out.max(axis=1, keepdims=True)
+    order = np.argsort(-cand_scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(cand_scores, order, 1)
+    dense_sorted = np.concatenate(
+        [np.zeros((n, 1), np.int64), np.cumsum(ranked[:, 1:] != ranked[:, :-1], axis=1)], axis=1
+    )
+    dense = np.empty_like(dense_sorted)
+    np.put_along_axis(dense, order, dense_sorted, 1)
+    np.put_along_axis(out, cand, tail_max + 1.0 + (k - 1 - dense), 1)
     return out

@@ -53,20 +53,14 @@ class Relevance:
         cls, image_captions: Sequence[Sequence[int]], num_captions: int | None = None
     ) -> Relevance:
         """Build from image → caption-index lists (any number of captions per image)."""
-        n_cap = (
-            num_captions
-            if num_captions is not None
-            else sum(len(c) for c in image_captions)
-        )
+        n_cap = num_captions if num_captions is not None else sum(len(c) for c in image_captions)
         c2i = np.full(n_cap, -1, dtype=np.int64)
         for i, caps in enumerate(image_captions):
             idx = np.asarray(caps, dtype=np.int64)
             if idx.size and (idx.min() < 0 or idx.max() >= n_cap):
                 raise DataError(f"image {i}: caption index out of range", field="image_captions")
             if (c2i[idx] != -1).any():
-                raise DataError(
-                    f"image {i}: a caption is assigned to two images", field="image_captions"
-                )
+                raise DataError(f"image {i}: a caption is assigned to two images", field="image_captions")
             c2i[idx] = i
         if (c2i == -1).any():
             j = int(np.flatnonzero(c2i == -1)[0])

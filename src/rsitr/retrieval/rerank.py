@@ -7,7 +7,9 @@ Conventions shared by all of them: ``S`` is (n_images, n_captions), higher is mo
 The i2t matrix is reranked row-wise; the t2i matrix is the same function applied to ``Sᵀ``
 (queries are captions) and transposed back. Top-k candidates are taken in descending order
 with ties broken by the lower index. Candidates outside the top-k keep their original relative
-order below every candidate (see :func:`rsitr.retrieval.ordering.scores_with_tail`).
+order below every candidate. The top-k rerankers therefore return *ranking keys* (see
+:func:`rsitr.retrieval.ordering.scores_with_tail`); their raw reranked scores are available from
+:func:`mr_reference_matrix` and :func:`smr_terms` / :func:`smr_combine`.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _check_k(k: int, m: np.ndarray, direction: str) -> None:
 
 
 def _both_directions(scores: np.ndarray, one_way: Callable[[np.ndarray, str], np.ndarray]) -> Reranked:
-    return Reranked(one_way(scores, "i2t"), one_way(scores.T, "t2i").T)
+    return Reranked(one_way(scores, "i2t"), one_way(np.ascontiguousarray(scores.T), "t2i").T)
 
 
 # --- reverse-rank (Wang et al., MTFN-RR; GaLR's i2t_rerank / t2i_rerank) ----------------------
@@ -154,7 +156,11 @@ def _check_tie_order(tie_order: str) -> None:
 
 
 def reverse_rank_one_way(
-    m: np.ndarray, k: int, group: np.ndarray | None = None, tie_order: str = "reference"
+    m: np.ndarray,
+    k: int,
+    group: np.ndarray | None = None,
+    tie_order: str = "reference",
+    cand: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row of ``m`` and the permutation that sorts them by reverse position.
 
@@ -170,11 +176,13 @@ def reverse_rank_one_way(
         k: candidates per query.
         group: optional (n, g) query groups whose best reverse position is used.
         tie_order: ``"reference"`` or ``"stable"``, see above.
+        cand: the (n, k) forward top-k, if already computed.
 
     Returns:
         ``(cand, perm)``: (n, k) forward top-k, and (n, k) indices into it giving the new order.
     """
-    cand, _ = topk_desc(m, k)
+    if cand is None:
+        cand, _ = topk_desc(m, k)
     if group is None:
         back = reverse_positions(m, np.repeat(np.arange(m.shape[0]), k), cand.ravel())
     else:
@@ -242,32 +250,45 @@ def mr_reference_matrix(
         R[q,c] = Wp1 · S[q,c] / Σ_q' S[q',c]  +  exp(−0.05 (j+1))  +  Wp2 · exp(−0.05 (j'+1))
 
     where j' is c's position after sorting the candidates by q's position in c's own ranking.
-    Entries outside the top-K are 0. The reference accumulates in a float32 matrix, and so does
+    Entries outside the top-K are 0. A zero column sum gives a zero first term (the reference
+    would produce inf/NaN). The reference accumulates in a float32 matrix, and so does
     this function, term by term, so its output matches to the last bit on tie-free input.
 
     Returns:
         (n, C) float32 matrix.
     """
+    cand, acc = mr_candidate_scores(m, k, wp1, wp2, tie_order)
+    out = np.zeros(m.shape, dtype=np.float32)
+    np.put_along_axis(out, cand, acc, 1)
+    return out
+
+
+def mr_candidate_scores(
+    m: np.ndarray, k: int, wp1: float, wp2: float, tie_order: str = "reference"
+) -> tuple[np.ndarray, np.ndarray]:
+    """MR's top-K candidates (K = max(10, k)) and their float32 scores, see
+    :func:`mr_reference_matrix`."""
     kk = max(10, k)
-    n = m.shape[0]
     m64 = np.asarray(m, dtype=np.float64)
     cand, _ = topk_desc(m64, kk)
     # Column sums of the whole matrix with pairwise summation over contiguous memory, as
     # np.sum(sim[:, c]) does in the reference.
     col_sum = np.ascontiguousarray(m64.T).sum(axis=1)
-    p1 = np.take_along_axis(m64, cand, 1) / col_sum[cand]
+    # The reference divides by a raw column sum; a zero sum (possible with signed scores) would
+    # give inf/NaN there. Here it contributes a zero saliency instead.
+    den = col_sum[cand]
+    num = np.take_along_axis(m64, cand, 1)
+    p1 = np.divide(num, den, out=np.zeros_like(num), where=den != 0)
     j = np.arange(kk, dtype=np.float64)
     p2 = np.exp(-0.05 * (j + 1.0))
     acc = (wp1 * p1).astype(np.float32)
     acc = (acc.astype(np.float64) + p2[None, :]).astype(np.float32)
-    _, perm = reverse_rank_one_way(m64, kk, tie_order=tie_order)
+    _, perm = reverse_rank_one_way(m64, kk, tie_order=tie_order, cand=cand)
     new_pos = np.empty_like(perm)  # j' of each forward candidate
     np.put_along_axis(new_pos, perm, np.arange(kk)[None, :], 1)
     p3 = wp2 * np.exp(-0.05 * (new_pos.astype(np.float64) + 1.0))
     acc = (acc.astype(np.float64) + p3).astype(np.float32)
-    out = np.zeros((n, m.shape[1]), dtype=np.float32)
-    np.put_along_axis(out, cand, acc, 1)
-    return out
+    return cand, acc
 
 
 @register_reranker("mr", MRParams)
@@ -276,9 +297,8 @@ def mr(scores: np.ndarray, p: MRParams) -> Reranked:
 
     def one_way(m: np.ndarray, direction: str) -> np.ndarray:
         _check_k(max(10, p.k), m, direction)
-        ref = mr_reference_matrix(m, p.k, p.wp1, p.wp2, p.tie_order)
-        cand, _ = topk_desc(m, max(10, p.k))
-        return scores_with_tail(m, cand, np.take_along_axis(ref, cand, 1).astype(np.float64))
+        cand, acc = mr_candidate_scores(m, p.k, p.wp1, p.wp2, p.tie_order)
+        return scores_with_tail(m, cand, acc.astype(np.float64))
 
     return _both_directions(scores, one_way)
 

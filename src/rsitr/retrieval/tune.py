@@ -16,6 +16,7 @@ import numpy as np
 
 from rsitr.errors import ConfigError
 from rsitr.retrieval.metrics import RECALL_KS, TiePolicy, check_ties, evaluate_scores
+from rsitr.retrieval.ordering import topk_desc
 from rsitr.retrieval.relevance import Relevance
 from rsitr.retrieval.rerank import (
     MRParams,
@@ -25,7 +26,6 @@ from rsitr.retrieval.rerank import (
     smr_combine,
     smr_terms,
 )
-from rsitr.retrieval.ordering import topk_desc
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ class TuneResult:
         }
 
 
-def _candidate_ranks(
-    cand: np.ndarray, new: np.ndarray, relevant: np.ndarray, ties: TiePolicy
-) -> np.ndarray:
+def _candidate_ranks(cand: np.ndarray, new: np.ndarray, relevant: np.ndarray, ties: TiePolicy) -> np.ndarray:
     """Ranks inside the top-k (k ≥ 10); a query with no relevant candidate gets rank k."""
     k = cand.shape[1]
     best = np.where(relevant, new, -np.inf).max(axis=1, keepdims=True)
@@ -94,9 +92,10 @@ def _grid_smr(
     if k < max(RECALL_KS):  # recalls then depend on the tail: evaluate the full matrices
         for a, b in itertools.product(g1, g2):
             out = rerank(scores, "smr", SMRParams(k=k, gamma1=a, gamma2=b))
-            yield {"k": k, "gamma1": a, "gamma2": b}, evaluate_scores(
-                out.i2t, rel, ties, t2i_scores=out.t2i
-            ).mR
+            yield (
+                {"k": k, "gamma1": a, "gamma2": b},
+                evaluate_scores(out.i2t, rel, ties, t2i_scores=out.t2i).mR,
+            )
         return
     c2i = rel.caption_to_image
     has_caps = rel.captions_per_image > 0

@@ -1,0 +1,129 @@
+"""The ``rsitr evaluate-scores`` / ``tune-rerank`` contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from rsitr.cli import run
+
+KEYS = {"R@1", "R@5", "R@10", "medr", "meanr"}
+
+
+@pytest.fixture
+def scores_file(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    n, cpi = 40, 5
+    s = rng.normal(size=(n, n * cpi)) + 1.2 * np.repeat(np.eye(n), cpi, axis=1)
+    path = tmp_path / "scores.npy"
+    np.save(path, s)
+    return path
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # exactly one JSON object on stdout
+    return json.loads(out)
+
+
+def test_json_schema(scores_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = _json(capsys, ["evaluate-scores", str(scores_file), "--json"])
+    assert set(d) == {"i2t", "t2i", "mR", "ties", "rerank"}
+    assert set(d["i2t"]) == KEYS and set(d["t2i"]) == KEYS
+    assert d["ties"] == "pessimistic" and d["rerank"] == "none"
+    assert all(isinstance(v, float) for v in d["i2t"].values())
+    recalls = [d[x][k] for x in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10")]
+    assert d["mR"] == pytest.approx(sum(recalls) / 6)
+
+
+@pytest.mark.parametrize(
+    ("rerank", "extra"),
+    [
+        ("reverse-rank", ["--k", "10"]),
+        ("mr", ["--k", "20", "--wp1", "0.3", "--wp2", "1.1"]),
+        ("smr", ["--k", "10", "--gamma1", "0.9", "--gamma2", "1.9"]),
+        ("inverted-softmax", ["--temperature", "0.05"]),
+    ],
+)
+def test_rerank_reports(
+    scores_file: Path, capsys: pytest.CaptureFixture[str], rerank: str, extra: list[str]
+) -> None:
+    d = _json(
+        capsys,
+        ["evaluate-scores", str(scores_file), "--rerank", rerank, *extra, "--json", "--ties", "optimistic"],
+    )
+    assert d["rerank"] == rerank and d["ties"] == "optimistic" and d["transductive"] is True
+    assert 0.0 <= d["mR"] <= 100.0
+
+
+def test_readable_table(scores_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["evaluate-scores", str(scores_file)]) == 0
+    out = capsys.readouterr().out
+    assert "i2t" in out and "t2i" in out and "pessimistic" in out
+
+
+def _bad(tmp_path: Path, arr: object, name: str = "bad.npy") -> Path:
+    p = tmp_path / name
+    np.save(p, arr)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "message"),
+    [
+        (lambda t: _bad(t, np.zeros(10)), [], "2-D"),
+        (lambda t: _bad(t, np.full((2, 10), np.nan)), [], "non-finite"),
+        (lambda t: _bad(t, np.array([[1.0, np.inf] * 5] * 2)), [], "non-finite"),
+        (lambda t: _bad(t, np.zeros((2, 9))), [], "not divisible"),
+        (lambda t: _bad(t, np.zeros((3, 10))), [], "3 rows"),
+        (lambda t: _bad(t, np.zeros((2, 10))), ["--rerank", "smr", "--k", "3"], "k=3"),
+        (lambda t: t / "missing.npy", [], "no such file"),
+        (lambda t: (t / "junk.npy").write_text("not numpy") and t / "junk.npy", [], "cannot read"),
+        (lambda t: _bad(t, np.zeros((2, 10))), ["--rerank", "bogus"], "unknown reranker"),
+        (lambda t: _bad(t, np.zeros((2, 10))), ["--ties", "random"], "ties"),
+        (lambda t: _bad(t, np.zeros((2, 10))), ["--gamma1", "1"], "needs a --rerank"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make, extra, message
+) -> None:
+    path = make(tmp_path)
+    assert run(["evaluate-scores", str(path), *extra, "--json"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_tune_rerank_saves_best_and_evaluate_reads_it(
+    scores_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "smr.yaml"
+    assert (
+        run(
+            [
+                "tune-rerank",
+                str(scores_file),
+                "--rerank",
+                "smr",
+                "--k-list",
+                "10,15",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    saved = yaml.safe_load(out.read_text())
+    assert saved["params"] == report["params"] and saved["rerank"] == "smr"
+    assert saved["params"]["k"] in (10, 15) and 0.5 <= saved["params"]["gamma1"] <= 2.0
+    assert saved["val_mR"] >= max(t["mR"] for t in saved["top"]) - 1e-9
+    d = _json(capsys, ["evaluate-scores", str(scores_file), "--rerank-config", str(out), "--json"])
+    assert d["rerank"] == "smr" and d["mR"] == pytest.approx(saved["val_mR"])
