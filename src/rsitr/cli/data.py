@@ -1,0 +1,91 @@
+"""``rsitr data check``: validate a caption dataset and report what it contains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from rsitr.cli._app import data_app
+from rsitr.data.check import check_corpus
+from rsitr.data.formats import list_formats
+from rsitr.errors import DataError
+
+
+def print_check_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """Print a check report as a table followed by blank captions, errors and warnings."""
+    console = console or Console()
+    if report["errors"] and not report["n_images"] and not report["n_captions"]:
+        for e in report["errors"]:  # nothing was read: the error says it all
+            console.print(f"[red]error:[/red] {escape(e)}", highlight=False)
+        console.print("[red]not usable[/red]")
+        return
+    table = Table(title=escape(f"{report['source']} [{report['format']}, {report['split']}]"))
+    table.add_column("check")
+    table.add_column("result", justify="right")
+    cpi = ", ".join(f"{k}: {v}" for k, v in report["captions_per_image"].items()) or "-"
+    within = report["duplicate_captions_within_images"]
+    rows: list[tuple[str, Any]] = [
+        ("images", report["n_images"]),
+        ("captions", report["n_captions"]),
+        ("captions per image (count: images)", cpi),
+        ("blank captions", len(report["blank_captions"])),
+        ("images with blank captions", len(report["images_with_blank_captions"])),
+        ("caption strings shared by several images", report["duplicate_captions_across_images"]),
+        ("images repeating a caption", within["images"]),
+        ("labelled images", report["labelled_images"]),
+    ]
+    if report["missing_images"] is not None:
+        rows.append(("missing images", len(report["missing_images"])))
+    if report["corrupt_images"] is not None:
+        rows.append(("corrupt images", len(report["corrupt_images"])))
+        for key in ("sizes", "modes"):
+            values = report["image_summary"][key]
+            rows.append((f"image {key}", ", ".join(f"{k}: {v}" for k, v in list(values.items())[:4])))
+    if report["split_overlap"] is not None:
+        rows.append(("images in several splits", report["split_overlap"]["images"]))
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+    for e in report["errors"]:
+        console.print(f"[red]error:[/red] {escape(e)}", highlight=False)
+    console.print("[green]usable[/green]" if not report["errors"] else "[red]not usable[/red]")
+
+
+@data_app.command("check")
+def check_cmd(
+    source: Annotated[Path, typer.Argument(help="Caption file or directory.")],
+    split: Annotated[str | None, typer.Option("--split", help="Split to check (train, val, test).")] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Image root: report missing images.")
+    ] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="labels.csv with filename,scene.")] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help=f"Caption format: {'|'.join(list_formats())}.")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Dataset for scene rules (ucm, rsitmd, ...).")
+    ] = None,
+    deep: Annotated[bool, typer.Option("--deep", help="Decode every image (needs --images).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Check a caption dataset; exit 0 when usable (warnings allowed), 2 when not."""
+    report = check_corpus(
+        source, split=split, fmt=fmt, images=images, labels=labels, deep=deep, dataset=dataset
+    )
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_check_report(report)
+    errors = report["errors"]
+    if errors:
+        # An RsitrError, not typer.Exit: rsitr.cli.run maps it to one stderr line and exit code 2.
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise DataError(f"not usable: {errors[0]}{more}")
