@@ -1,33 +1,26 @@
 """Command-line interface: a thin layer over the library.
 
 Every command module registers on :data:`rsitr.cli._app.app`. Errors derived from
-:class:`rsitr.errors.RsitrError` (and bad-input ``ValueError``/``OSError`` raised at the edges)
-become one line on stderr and exit code 2.
+:class:`rsitr.errors.RsitrError` (and bad-input ``OSError`` raised at the edges) become one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Sequence
 
 import click
 
-from rsitr.cli import (
-    protocol,  # noqa: F401  (registers commands)
-    synth,  # noqa: F401  (registers commands)
-)
+from rsitr.cli import data, protocol, quickstart, synth, train  # noqa: F401  (register commands)
 from rsitr.cli._app import app
 from rsitr.errors import RsitrError
-
-with contextlib.suppress(ImportError):  # optional command groups, registered when present
-    from rsitr.cli import data  # noqa: F401
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` and return the exit code (0 ok, 2 bad input or usage)."""
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        rc = app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Exit as e:
         return int(e.exit_code or 0)
     except click.ClickException as e:
@@ -39,7 +32,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except (RsitrError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def main() -> None:

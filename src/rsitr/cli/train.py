@@ -1,0 +1,156 @@
+"""``rsitr train``, ``rsitr evaluate`` and ``rsitr embed``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rsitr.cli._app import app
+from rsitr.cli.report import console, print_metrics_table
+from rsitr.errors import ConfigError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Rich log handler on stderr (INFO, or DEBUG with ``verbose``)."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "PIL", "timm", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=3e-4.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <out_dir>/last.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a method from a typed YAML config; selects the best epoch on the validation split."""
+    from rsitr.training import Trainer, load_config
+
+    setup_logging(verbose)
+    cfg = load_config(config, overrides or [])
+    summary = Trainer(cfg, resume=resume).fit()
+    if summary.get("best_val"):
+        console.print(f"[bold]best epoch {summary['best_epoch']}[/bold] (validation split, ties {cfg.ties})")
+        from rsitr.retrieval.metrics import RetrievalMetrics
+
+        v = summary["best_val"]
+        print_metrics_table(RetrievalMetrics(v["i2t"], v["t2i"], v["mR"], v["ties"]), title=f"{cfg.method}: validation")
+    console.print(
+        f"features {summary['feature_seconds']} s, training {summary['train_seconds']} s; "
+        f"checkpoint {summary['checkpoint']}"
+    )
+
+
+def _load(checkpoint: Path, device: str) -> Any:
+    from rsitr.models.checkpoint import load_method
+    from rsitr.training.trainer import resolve_device
+
+    return load_method(checkpoint, device=resolve_device(device))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or model.safetensors.")],
+    data: Annotated[str, typer.Option("--data", help="Caption source (any supported format).")],
+    images: Annotated[Path | None, typer.Option("--images", help="Image root.")] = None,
+    split: Annotated[str, typer.Option("--split")] = "test",
+    fmt: Annotated[str | None, typer.Option("--format")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="labels.csv for the per-scene table.")] = None,
+    rerank: Annotated[str, typer.Option("--rerank", help="none|reverse-rank|mr|smr|inverted-softmax")] = "none",
+    rerank_config: Annotated[Path | None, typer.Option("--rerank-config", help="YAML from tune-rerank.")] = None,
+    ties: Annotated[str, typer.Option("--ties")] = "pessimistic",
+    report: Annotated[Path | None, typer.Option("--report", help="Write metrics.json, scenes.csv, gallery.png here.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Evaluate a checkpoint on a split with the RSITR protocol."""
+    from rsitr.cli.protocol import load_rerank_config
+    from rsitr.data import load_corpus
+    from rsitr.retrieval.embed import embed_corpus, evaluate_embeddings
+    from rsitr.retrieval.metrics import check_ties
+    from rsitr.retrieval.rerank import get_reranker
+
+    setup_logging()
+    check_ties(ties)
+    params: dict[str, Any] = {}
+    if rerank_config is not None:
+        rerank, params = load_rerank_config(rerank_config)
+    if rerank != "none":
+        get_reranker(rerank)
+    import time
+
+    t0 = time.perf_counter()
+    method = _load(checkpoint, device)
+    corpus = load_corpus(data, split=split, fmt=fmt, images=images, labels=labels)
+    clean, warns = corpus.drop_blank_captions("eval")
+    img, txt = embed_corpus(method, clean, batch_size=batch_size, device=next(method.parameters()).device)
+    metrics = evaluate_embeddings(img, txt, clean, ties, rerank, params)  # type: ignore[arg-type]
+    metrics.extra.update(
+        n_images=clean.num_images,
+        n_captions=clean.num_captions,
+        seconds=round(time.perf_counter() - t0, 2),
+        checkpoint=str(checkpoint),
+        data=str(data),
+    )
+    if warns:
+        metrics.extra["warnings"] = warns
+    if report is not None:
+        from rsitr.retrieval.report import write_report
+
+        write_report(report, metrics, clean, img, txt)
+        metrics.extra["report"] = str(report)
+    if as_json:
+        typer.echo(json.dumps(metrics.to_dict()))
+        return
+    print_metrics_table(metrics, title=f"{checkpoint} on {data} [{split}]: {clean.num_images} images")
+
+
+@app.command("embed")
+def embed_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or model.safetensors.")],
+    data: Annotated[str, typer.Option("--data", help="Caption source or image folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output .npz (image_embeddings, text_embeddings, names).")],
+    images: Annotated[Path | None, typer.Option("--images")] = None,
+    split: Annotated[str | None, typer.Option("--split")] = None,
+    fmt: Annotated[str | None, typer.Option("--format")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Export L2-normalised image and caption embeddings of a corpus (npz, no pickle)."""
+    import numpy as np
+
+    from rsitr.data import load_corpus
+    from rsitr.retrieval.embed import embed_corpus
+
+    setup_logging()
+    if out.suffix != ".npz":
+        raise ConfigError(f"--out: expected a .npz file name, got {out}")
+    method = _load(checkpoint, device)
+    corpus, _ = load_corpus(data, split=split, fmt=fmt, images=images).drop_blank_captions("eval")
+    img, txt = embed_corpus(method, corpus, batch_size=batch_size, device=next(method.parameters()).device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.npz")
+    np.savez(
+        tmp,
+        image_embeddings=img.numpy(),
+        text_embeddings=txt.numpy(),
+        image_names=np.array(corpus.filenames(), dtype=str),
+        captions=np.array(corpus.captions, dtype=str),
+        caption_to_image=corpus.caption_to_image(),
+    )
+    tmp.replace(out)
+    console.print(f"wrote {out}: {img.shape[0]} images, {txt.shape[0]} captions, dim {img.shape[1] if img.numel() else 0}")

@@ -1,0 +1,6 @@
+"""Losses. Each returns a tensor; methods collect them into a dict of named ``*_loss`` terms."""
+
+from rsitr.losses.contrastive import multi_positive_infonce, positives_from_ids
+from rsitr.losses.triplet import hinge_triplet
+
+__all__ = ["hinge_triplet", "multi_positive_infonce", "positives_from_ids"]

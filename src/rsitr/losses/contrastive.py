@@ -1,0 +1,55 @@
+"""Symmetric InfoNCE with multi-positive targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def positives_from_ids(img_ids: Tensor, txt_img_ids: Tensor | None = None) -> Tensor:
+    """(B_img, B_txt) bool matrix: True where the caption describes the image.
+
+    Captions of the same image in a batch are all positives, so a batch holding several captions
+    of one image (or an image twice) never treats a true match as a negative.
+    """
+    txt_img_ids = img_ids if txt_img_ids is None else txt_img_ids
+    return img_ids[:, None] == txt_img_ids[None, :]
+
+
+def multi_positive_infonce(logits: Tensor, positives: Tensor) -> Tensor:
+    """Symmetric InfoNCE with soft multi-positive targets (HarMA / PIR style).
+
+    With P the positive mask and targets y = P / Σ P per row (per column for t2i),
+    L = ½ [ −Σ_j y_ij log softmax_j(s_ij) − Σ_i y_ij log softmax_i(s_ij) ], averaged over queries.
+
+    Args:
+        logits: (B_img, B_txt) scaled similarities s = sim / τ.
+        positives: (B_img, B_txt) bool positive mask; every row and column has ≥ 1 positive.
+
+    Returns:
+        Scalar loss.
+    """
+    p = positives.to(logits.dtype)
+    t_i2t = p / p.sum(1, keepdim=True).clamp_min(1.0)
+    t_t2i = p / p.sum(0, keepdim=True).clamp_min(1.0)
+    l_i2t = -(t_i2t * F.log_softmax(logits, dim=1)).sum(1)
+    l_t2i = -(t_t2i * F.log_softmax(logits, dim=0)).sum(0)
+    rows = positives.any(1)
+    cols = positives.any(0)
+    return 0.5 * (l_i2t[rows].mean() + l_t2i[cols].mean())
+
+
+class LearnableTemperature(torch.nn.Module):
+    """τ = exp(−θ), learnable, clamped so 1/τ ≤ ``max_scale`` (CLIP's 100)."""
+
+    def __init__(self, init: float = 0.07, max_scale: float = 100.0) -> None:
+        super().__init__()
+        if not 0 < init < 1:
+            raise ValueError(f"temperature init must lie in (0, 1), got {init}")
+        self.log_scale = torch.nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(init)))))
+        self.max_scale = max_scale
+
+    def forward(self) -> Tensor:
+        """The logit scale 1/τ."""
+        return self.log_scale.exp().clamp(max=self.max_scale)

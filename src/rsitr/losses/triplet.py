@@ -1,0 +1,45 @@
+"""VSE++ hinge triplet loss on a batch of image-caption pairs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+
+def hinge_triplet(
+    sim: Tensor,
+    positives: Tensor,
+    margin: float = 0.2,
+    negatives: Literal["hardest", "all"] = "hardest",
+) -> Tensor:
+    """Bidirectional hinge triplet loss (Faghri et al., VSE++) over a batch of B pairs.
+
+    Pair b is (image b, caption b), so ``sim[b, b]`` is its positive score. With
+    c_txt[b, j] = [m − s_bb + s_bj]₊ (negative captions j of image b) and
+    c_img[i, b] = [m − s_bb + s_ib]₊ (negative images i of caption b), ``hardest`` takes the
+    maximum over negatives (VSE++, max-violation) and ``all`` their sum (VSE0, as AMFMN/GaLR).
+    Entries that are positives (other captions of the same image) are never negatives.
+
+    Args:
+        sim: (B, B) similarities, rows images and columns captions of the same B pairs.
+        positives: (B, B) bool, True where caption j describes image i (diagonal included).
+        margin: the margin m.
+        negatives: ``"hardest"`` or ``"all"``.
+
+    Returns:
+        Scalar loss, averaged over the B pairs.
+    """
+    if negatives not in ("hardest", "all"):
+        raise ValueError(f"negatives must be 'hardest' or 'all', got {negatives!r}")
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"hinge_triplet expects a square (B, B) pair batch, got {tuple(sim.shape)}")
+    pos_score = sim.diagonal()
+    neg = (~positives).to(sim.dtype)
+    cost_txt = (margin - pos_score[:, None] + sim).clamp_min(0) * neg
+    cost_img = (margin - pos_score[None, :] + sim).clamp_min(0) * neg
+    if negatives == "hardest":
+        per_pair = cost_txt.amax(dim=1) + cost_img.amax(dim=0)
+    else:
+        per_pair = cost_txt.sum(dim=1) + cost_img.sum(dim=0)
+    return per_pair.mean()

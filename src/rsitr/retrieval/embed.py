@@ -1,0 +1,228 @@
+"""Embedding a corpus with any method, and evaluating a method on a corpus.
+
+This is the single evaluation path used by training (validation), ``rsitr evaluate``,
+``rsitr embed`` and the search index: it builds ``S = img @ txtᵀ`` from L2-normalised
+embeddings and applies the protocol of :mod:`rsitr.retrieval.metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from rsitr.data.corpus import RetrievalCorpus
+from rsitr.retrieval.metrics import RetrievalMetrics, TiePolicy, evaluate_scores
+from rsitr.retrieval.relevance import Relevance
+from rsitr.retrieval.rerank import rerank as apply_rerank
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+def apply_view(x: Tensor, view: str) -> Tensor:
+    """A deterministic view of a (…, H, W) batch: identity, hflip, vflip or rot90."""
+    if view == "identity":
+        return x
+    if view == "hflip":
+        return x.flip(-1)
+    if view == "vflip":
+        return x.flip(-2)
+    if view == "rot90":
+        return x.rot90(1, dims=(-2, -1))
+    raise ValueError(f"unknown view {view!r}; known: identity, hflip, vflip, rot90")
+
+
+def image_loader(
+    corpus: RetrievalCorpus,
+    method: Any,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    on_error: str = "skip",
+    image_size: int | None = None,
+) -> DataLoader:
+    """A DataLoader of the corpus images, preprocessed for ``method``'s image encoder."""
+    from rsitr.data.datasets import ImageDataset, collate_skip_failed
+    from rsitr.data.transforms import EvalTransform
+
+    enc = method.image_encoder
+    size = image_size or enc.image_size
+    ds = ImageDataset(corpus, EvalTransform(size, enc.mean, enc.std), on_error=on_error)  # type: ignore[arg-type]
+    return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_failed)
+
+
+@torch.no_grad()
+def image_features(
+    method: Any,
+    corpus: RetrievalCorpus,
+    view: str = "identity",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    on_error: str = "skip",
+    image_size: int | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Frozen-part image features of ``corpus.images[start:stop]``.
+
+    Returns:
+        ``(feats, valid)``: named (N, …) CPU tensors and an (N,) bool mask, False for images
+        that could not be read (their features are zeros; they are reported in the log).
+    """
+    stop = corpus.num_images if stop is None else stop
+    sub = corpus.subset(list(range(start, stop))) if (start, stop) != (0, corpus.num_images) else corpus
+    n = sub.num_images
+    loader = image_loader(sub, method, batch_size, num_workers, on_error, image_size)
+    out: dict[str, Tensor] = {}
+    valid = torch.zeros(n, dtype=torch.bool)
+    done = 0
+    method.eval()
+    for batch in loader:
+        if batch is None:
+            continue
+        ids = batch["image_id"]
+        x = apply_view(batch["image"].to(device), view)
+        feats = method.image_features(x)
+        for k, v in feats.items():
+            if k not in out:
+                out[k] = torch.zeros((n, *v.shape[1:]), dtype=torch.float32)
+            out[k][ids] = v.float().cpu()
+        valid[ids] = True
+        done += len(ids)
+        if progress is not None:
+            progress(done, n)
+    if not valid.all():
+        bad = [sub.images[i].filename for i in torch.flatnonzero(~valid).tolist()]
+        logger.warning(
+            "%d image(s) could not be read and get zero features: %s", len(bad), ", ".join(bad[:5])
+        )
+    return out, valid
+
+
+@torch.no_grad()
+def text_features(
+    method: Any,
+    captions: list[str],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Tensor]:
+    """Frozen-part text features of ``captions`` (named (M, …) CPU tensors)."""
+    out: dict[str, Tensor] = {}
+    method.eval()
+    for s in range(0, len(captions), batch_size):
+        tok = method.tokenize(captions[s : s + batch_size])
+        feats = method.text_features(tok["input_ids"].to(device), tok["attention_mask"].to(device))
+        for k, v in feats.items():
+            if k not in out:
+                out[k] = torch.zeros((len(captions), *v.shape[1:]), dtype=torch.float32)
+            out[k][s : s + len(v)] = v.float().cpu()
+        if progress is not None:
+            progress(min(s + batch_size, len(captions)), len(captions))
+    return out
+
+
+def _slice(feats: dict[str, Tensor], s: int, e: int, device: str | torch.device) -> dict[str, Tensor]:
+    return {k: v[s:e].to(device) for k, v in feats.items()}
+
+
+@torch.no_grad()
+def embed_from_features(
+    encode: Callable[..., Tensor],
+    feats: dict[str, Tensor],
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """Apply a method's ``encode_image``/``encode_text`` to cached features, in batches."""
+    n = next(iter(feats.values())).shape[0]
+    parts = [
+        encode(feats=_slice(feats, s, s + batch_size, device)).float().cpu() for s in range(0, n, batch_size)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+@torch.no_grad()
+def embed_corpus(
+    method: Any,
+    corpus: RetrievalCorpus,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    on_error: str = "skip",
+    image_feats: dict[str, Tensor] | None = None,
+    text_feats: dict[str, Tensor] | None = None,
+    progress: Progress | None = None,
+) -> tuple[Tensor, Tensor]:
+    """L2-normalised image (N, D) and caption (M, D) embeddings of a corpus.
+
+    Cached frozen features, when given, replace running the frozen towers.
+    """
+    method.eval()
+    if image_feats is None:
+        image_feats, _ = image_features(
+            method, corpus, batch_size=batch_size, device=device, num_workers=num_workers, on_error=on_error,
+            progress=progress,
+        )  # fmt: skip
+    if text_feats is None:
+        text_feats = text_features(method, corpus.captions, device=device)
+    img = embed_from_features(method.encode_image, image_feats, device=device)
+    txt = embed_from_features(method.encode_text, text_feats, device=device)
+    return img, txt
+
+
+def evaluate_embeddings(
+    img: Tensor | np.ndarray,
+    txt: Tensor | np.ndarray,
+    corpus: RetrievalCorpus,
+    ties: TiePolicy = "pessimistic",
+    rerank: str = "none",
+    rerank_params: dict[str, Any] | None = None,
+) -> RetrievalMetrics:
+    """Protocol metrics of precomputed embeddings on ``corpus`` (any captions per image)."""
+    img_np = img.numpy() if isinstance(img, Tensor) else img
+    txt_np = txt.numpy() if isinstance(txt, Tensor) else txt
+    scores = img_np.astype(np.float64) @ txt_np.astype(np.float64).T
+    rel = Relevance.from_image_captions(corpus.image_captions, corpus.num_captions)
+    out = apply_rerank(scores, rerank, **(rerank_params or {}))
+    metrics = evaluate_scores(out.i2t, rel, ties, t2i_scores=out.t2i, rerank=rerank, keep_ranks=True)
+    if rerank != "none":
+        metrics.extra["transductive"] = True
+    return metrics
+
+
+def evaluate_method(
+    method: Any,
+    corpus: RetrievalCorpus,
+    *,
+    ties: TiePolicy = "pessimistic",
+    rerank: str = "none",
+    rerank_params: dict[str, Any] | None = None,
+    **embed_kwargs: Any,
+) -> RetrievalMetrics:
+    """Embed ``corpus`` with ``method`` and compute the protocol metrics.
+
+    Blank captions are excluded from the t2i queries (their images stay candidates), as the
+    data layer's evaluation policy says; the report counts them.
+    """
+    t0 = time.perf_counter()
+    clean, warnings = corpus.drop_blank_captions("eval")
+    img, txt = embed_corpus(method, clean, **embed_kwargs)
+    metrics = evaluate_embeddings(img, txt, clean, ties, rerank, rerank_params)
+    metrics.extra.update(
+        n_images=clean.num_images,
+        n_captions=clean.num_captions,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    if warnings:
+        metrics.extra["warnings"] = warnings
+    return metrics

@@ -1,0 +1,120 @@
+"""On-disk cache of frozen-tower features, keyed by model, preprocessing and data.
+
+When a tower is frozen, its outputs are a fixed function of the input, so they are computed
+once and stored as safetensors shards under ``<dir>/<key>/``. The key hashes the encoder's
+identity (name, weights, preprocessing), the method's feature hook, the image view and the data
+(file names, sizes and modification times; or the caption strings). Extraction writes one shard
+per block of images and a ``complete.json`` at the end, so an interrupted extraction resumes at
+the first missing shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from rsitr.data.corpus import RetrievalCorpus
+
+logger = logging.getLogger(__name__)
+
+ComputeFn = Callable[[int, int], tuple[dict[str, Tensor], Tensor]]
+
+
+def data_fingerprint(corpus: RetrievalCorpus) -> str:
+    """Hash of the image files (name, size, mtime) of a corpus."""
+    h = hashlib.sha256()
+    for im in corpus.images:
+        h.update(im.filename.encode())
+        if im.path is not None:
+            try:
+                st = os.stat(im.path)
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"missing")
+    return h.hexdigest()
+
+
+def text_fingerprint(captions: list[str]) -> str:
+    """Hash of caption strings."""
+    h = hashlib.sha256()
+    for c in captions:
+        h.update(c.encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def cache_key(payload: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able payload."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """A folder of cached feature sets.
+
+    Args:
+        root: cache folder.
+        shard_size: rows per shard (the resume granularity).
+    """
+
+    def __init__(self, root: str | Path, shard_size: int = 2048) -> None:
+        self.root = Path(root)
+        self.shard_size = shard_size
+
+    def get(
+        self,
+        payload: dict[str, Any],
+        n: int,
+        compute: ComputeFn,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Load the feature set described by ``payload`` or compute it shard by shard.
+
+        Args:
+            payload: everything the features depend on (hashed into the key).
+            n: number of rows.
+            compute: ``compute(start, stop) -> (feats, valid)`` for rows ``[start, stop)``.
+            progress: optional ``(done, total)`` callback.
+
+        Returns:
+            ``(feats, valid)`` with (n, …) tensors and an (n,) bool mask.
+        """
+        folder = self.root / cache_key(payload)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "payload.json").write_text(json.dumps(payload, indent=1, sort_keys=True))
+        complete = folder / "complete.json"
+        starts = list(range(0, n, self.shard_size))
+        shards = [folder / f"shard_{i:05d}.safetensors" for i in range(len(starts))]
+        if not complete.exists():
+            todo = [i for i, p in enumerate(shards) if not p.exists()]
+            if len(todo) < len(shards):
+                logger.info(
+                    "feature cache %s: resuming, %d of %d shards done",
+                    folder.name,
+                    len(shards) - len(todo),
+                    len(shards),
+                )
+            for i in todo:
+                s, e = starts[i], min(starts[i] + self.shard_size, n)
+                feats, valid = compute(s, e)
+                tensors = {f"feat.{k}": v.contiguous() for k, v in feats.items()}
+                tensors["valid"] = valid.to(torch.uint8)
+                tmp = shards[i].with_name(shards[i].name + ".tmp")
+                save_file(tensors, str(tmp))
+                os.replace(tmp, shards[i])
+                if progress is not None:
+                    progress(e, n)
+            complete.write_text(json.dumps({"rows": n, "shards": len(shards)}))
+        parts = [load_file(str(p)) for p in shards]
+        keys = [k for k in parts[0] if k.startswith("feat.")] if parts else []
+        feats = {k[5:]: torch.cat([p[k] for p in parts]) for k in keys}
+        valid = torch.cat([p["valid"] for p in parts]).bool() if parts else torch.zeros(0, dtype=torch.bool)
+        return feats, valid

@@ -1,0 +1,495 @@
+"""The training loop: one ``Trainer`` for every method, on CPU or across GPUs.
+
+Per epoch: a seeded permutation of the training captions (so a resumed run sees exactly the
+batches it would have seen), micro-batches split over ranks and accumulation steps, AdamW with
+separate backbone/head learning rates, warm-up + decay, optional AMP and clipping; then
+validation on the *validation* split (never test), an atomic ``last`` checkpoint and, when the
+selection metric improves, a ``best`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from rsitr.data.corpus import RetrievalCorpus
+from rsitr.errors import ConfigError
+from rsitr.models import create_method
+from rsitr.models.methods.base import RetrievalMethod
+from rsitr.retrieval.embed import (
+    embed_from_features,
+    evaluate_embeddings,
+    evaluate_method,
+    image_features,
+    text_features,
+)
+from rsitr.retrieval.metrics import RetrievalMetrics
+from rsitr.training.checkpoint import git_commit, load_training_state, save_checkpoint
+from rsitr.training.config import TrainConfig
+from rsitr.training.distributed import DistInfo, all_gather_with_grad, barrier, init_distributed
+from rsitr.training.feature_cache import FeatureCache, data_fingerprint, text_fingerprint
+from rsitr.training.schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+NO_DECAY = ("bias", "norm", "logit_scale", "ln_", "bn")
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; optionally request deterministic kernels (warn-only)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; explicit names are checked."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    return name
+
+
+def load_split(cfg: TrainConfig, split: str, source: str | None = None) -> RetrievalCorpus:
+    """Read one split of the configured data."""
+    from rsitr.data import load_corpus
+
+    d = cfg.data
+    if not (source or d.source):
+        raise ConfigError("data.source: not set (a caption file or folder)")
+    return load_corpus(source or d.source, split=split, fmt=d.format, images=d.images, labels=d.labels)
+
+
+@dataclass
+class FeatureSet:
+    """Cached frozen features of one corpus: per-view image features and caption features."""
+
+    image_views: list[dict[str, Tensor]]
+    image_valid: Tensor
+    text: dict[str, Tensor]
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch produced (logged to JSONL and kept in the state)."""
+
+    epoch: int
+    train: dict[str, float]
+    val: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Train a method from a :class:`TrainConfig`.
+
+    Args:
+        cfg: the resolved configuration.
+        resume: continue from ``<out_dir>/last`` if it exists.
+        show_progress: draw progress bars (rank 0 only).
+        stop_after: end this run after that many epochs (the schedule still spans
+            ``optim.epochs``); ``--resume`` continues it. For time-budgeted sessions.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, resume: bool = False, show_progress: bool = True, stop_after: int | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.stop_after = stop_after
+        self.device = resolve_device(cfg.device)
+        self.dist: DistInfo = init_distributed(self.device)
+        if self.dist.enabled and self.device.startswith("cuda"):
+            self.device = f"cuda:{self.dist.local_rank}"
+            torch.cuda.set_device(self.device)
+        self.show_progress = show_progress and self.dist.is_main
+        self.out = Path(cfg.out_dir)
+        self.history: list[dict[str, Any]] = []
+
+    # --- setup -------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("step", record.get("epoch", 0))
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, step)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        train = load_split(cfg, cfg.data.train_split)
+        if cfg.data.max_train_images is not None and cfg.data.max_train_images < train.num_images:
+            rng = np.random.default_rng(cfg.seed)
+            keep = np.sort(rng.choice(train.num_images, cfg.data.max_train_images, replace=False))
+            train = train.subset(keep)
+        self.train_corpus, warns = train.drop_blank_captions("train")
+        for w in warns:
+            logger.warning("%s", w)
+        self.label_map = self.train_corpus.label_map()
+        self.val_corpus = load_split(cfg, cfg.data.val_split, cfg.data.val_source).drop_blank_captions(
+            "eval"
+        )[0]
+        logger.info(
+            "data: train %d images / %d captions, val %d / %d",
+            self.train_corpus.num_images,
+            self.train_corpus.num_captions,
+            self.val_corpus.num_images,
+            self.val_corpus.num_captions,
+        )
+
+    def _progress(self, label: str) -> Any:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        return Progress(
+            TextColumn(label),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            disable=not self.show_progress,
+            transient=True,
+        )
+
+    def _features(self, corpus: RetrievalCorpus, views: tuple[str, ...], role: str) -> FeatureSet:
+        """Frozen features of ``corpus`` from the cache (computed once, rank 0 first)."""
+        m = self.method
+        cache = FeatureCache(self.cfg.cache.dir)
+        size = self.cfg.data.image_size or m.image_encoder.image_size
+        base = {"method": m.name, "hook": type(m).__qualname__, "image_size": size}
+        out_views = []
+        valid = torch.ones(corpus.num_images, dtype=torch.bool)
+        for view in views:
+            payload = {
+                **base,
+                "encoder": m.image_encoder.identity(),
+                "view": view,
+                "data": data_fingerprint(corpus),
+            }
+
+            def compute(s: int, e: int, view: str = view) -> tuple[dict[str, Tensor], Tensor]:
+                return image_features(
+                    m, corpus, view=view, batch_size=self.cfg.cache.batch_size, device=self.device,
+                    num_workers=self.cfg.num_workers, on_error=self.cfg.data.on_error, image_size=size,
+                    start=s, stop=e,
+                )  # fmt: skip
+
+            with self._progress(f"{role} images [{view}]") as bar:
+                task = bar.add_task("", total=corpus.num_images)
+                for rank_turn in (True, False):  # rank 0 computes, then the others read
+                    if rank_turn == self.dist.is_main:
+                        tick = lambda d, t, b=bar, k=task: b.update(k, completed=d)  # noqa: E731
+                        feats, ok = cache.get(payload, corpus.num_images, compute, tick)
+                    barrier()
+            out_views.append(feats)
+            valid &= ok
+        payload = {**base, "encoder": m.text_encoder.identity(), "text": text_fingerprint(corpus.captions)}
+
+        def compute_text(s: int, e: int) -> tuple[dict[str, Tensor], Tensor]:
+            f = text_features(m, corpus.captions[s:e], device=self.device)
+            return f, torch.ones(e - s, dtype=torch.bool)
+
+        with self._progress(f"{role} captions") as bar:
+            task = bar.add_task("", total=corpus.num_captions)
+            for rank_turn in (True, False):
+                if rank_turn == self.dist.is_main:
+                    text, _ = FeatureCache(self.cfg.cache.dir, shard_size=8192).get(
+                        payload, corpus.num_captions, compute_text, lambda d, t: bar.update(task, completed=d)
+                    )
+                barrier()
+        return FeatureSet(out_views, valid, text)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = []
+        for group, lr in (("head", o.lr), ("backbone", o.backbone_lr)):
+            params = [(n, p) for n, p in self.method.named_parameters() if p.requires_grad]
+            backbone = {id(p) for p in self.method.param_groups()["backbone"]}
+            sel = [(n, p) for n, p in params if (id(p) in backbone) == (group == "backbone")]
+            decay = [p for n, p in sel if p.ndim > 1 and not any(k in n.lower() for k in NO_DECAY)]
+            no_decay = [p for n, p in sel if not (p.ndim > 1 and not any(k in n.lower() for k in NO_DECAY))]
+            if decay:
+                groups.append({"params": decay, "lr": lr, "weight_decay": o.weight_decay, "name": f"{group}"})
+            if no_decay:
+                groups.append(
+                    {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{group}_no_decay"}
+                )
+        if not groups:
+            raise ConfigError(f"method {self.cfg.method!r} has no trainable parameters with this config")
+        return torch.optim.AdamW(groups, betas=tuple(o.betas))  # type: ignore[arg-type]
+
+    # --- batches -------------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int, usable: Tensor) -> list[list[Tensor]]:
+        """This rank's micro-batches of caption indices: [[micro]*grad_accum per step]."""
+        o = self.cfg.optim
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = usable[torch.randperm(usable.numel(), generator=g)]
+        global_bs = min(o.batch_size, order.numel())
+        n_steps = order.numel() // global_bs
+        per_micro = global_bs // (self.dist.world_size * o.grad_accum)
+        if per_micro < 2:
+            raise ConfigError(
+                f"optim.batch_size={o.batch_size} is too small for {self.dist.world_size} rank(s) × "
+                f"{o.grad_accum} accumulation step(s)"
+            )
+        steps = []
+        for s in range(n_steps):
+            batch = order[s * global_bs : (s + 1) * global_bs]
+            micros = []
+            for a in range(o.grad_accum):
+                k = a * self.dist.world_size + self.dist.rank
+                micros.append(batch[k * per_micro : (k + 1) * per_micro])
+            steps.append(micros)
+        return steps
+
+    def _cached_batch(self, caps: Tensor, epoch: int, step: int) -> dict[str, Any]:
+        img_ids = torch.as_tensor(self.caption_to_image[caps.numpy()])
+        g = torch.Generator().manual_seed((self.cfg.seed * 7919 + epoch) * 100_003 + step)
+        views = torch.randint(self.n_views, (len(caps),), generator=g)  # one random cached view per pair
+        return {
+            "image_feats": {k: v[views, img_ids].to(self.device) for k, v in self.view_stack.items()},
+            "text_feats": {k: v[caps].to(self.device) for k, v in self.train_feats.text.items()},
+            "image_id": img_ids.to(self.device),
+            "scene": torch.as_tensor(self.scenes[img_ids.numpy()]).to(self.device),
+        }
+
+    def _raw_batch(self, caps: Tensor, epoch: int, step: int) -> dict[str, Any] | None:
+        items = [self.pair_dataset[int(c)] for c in caps]
+        items = [it for it in items if not it["failed"]]
+        if len(items) < 2:
+            return None
+        tok = self.method.tokenize([it["caption"] for it in items])
+        img_ids = torch.tensor([it["image_id"] for it in items])
+        return {
+            "image": torch.stack([it["image"] for it in items]).to(self.device),
+            "input_ids": tok["input_ids"].to(self.device),
+            "attention_mask": tok["attention_mask"].to(self.device),
+            "image_id": img_ids.to(self.device),
+            "scene": torch.tensor([it["scene"] for it in items]).to(self.device),
+        }
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def validate(self) -> RetrievalMetrics:
+        """Metrics on the validation split (cached features when available)."""
+        self.method.eval()
+        if self.val_feats is not None:
+            img = embed_from_features(
+                self.method.encode_image, self.val_feats.image_views[0], device=self.device
+            )
+            txt = embed_from_features(self.method.encode_text, self.val_feats.text, device=self.device)
+            return evaluate_embeddings(img, txt, self.val_corpus, self.cfg.ties)
+        return evaluate_method(
+            self.method, self.val_corpus, ties=self.cfg.ties, device=self.device,
+            num_workers=self.cfg.num_workers,
+            on_error=self.cfg.data.on_error,
+        )  # fmt: skip
+
+    # --- main loop -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train, validate every ``eval_every`` epochs, checkpoint; returns the summary."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tb = None
+        if cfg.tensorboard and self.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "tensorboard=true needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        config_yaml = yaml.safe_dump({**cfg.to_dict(), "git_commit": git_commit()}, sort_keys=False)
+        if self.dist.is_main:
+            (self.out / "config.yaml").write_text(config_yaml)
+        self._build_data()
+        self.method: RetrievalMethod = create_method(cfg.method, cfg.model, pretrained=cfg.pretrained).to(
+            self.device
+        )
+        groups = self.method.param_groups()
+        n_train = sum(p.numel() for g in groups.values() for p in g)
+        n_all = sum(p.numel() for p in self.method.parameters())
+        logger.info(
+            "method %s: %d trainable of %d parameters (%.2f%%)",
+            cfg.method,
+            n_train,
+            n_all,
+            100 * n_train / max(1, n_all),
+        )
+        use_cache = cfg.cache.enabled == "on" or (cfg.cache.enabled == "auto" and self.method.cacheable)
+        if use_cache and not self.method.cacheable:
+            raise ConfigError("cache.enabled=on needs frozen towers (model.freeze_image/freeze_text)")
+        self.caption_to_image = self.train_corpus.caption_to_image()
+        self.scenes = np.asarray(self.train_corpus.scene_ids(self.label_map), dtype=np.int64)
+        t_feat = time.perf_counter()
+        self.train_feats = self.val_feats = None
+        if use_cache:
+            self.train_feats = self._features(self.train_corpus, tuple(cfg.cache.views), "train")
+            self.val_feats = self._features(self.val_corpus, ("identity",), "val")
+            usable_img = self.train_feats.image_valid.numpy()
+            views = self.train_feats.image_views
+            self.n_views = len(views)
+            self.view_stack = {k: torch.stack([v[k] for v in views]) for k in views[0]}  # (V, N, …)
+        else:
+            from rsitr.data.datasets import CaptionPairDataset
+            from rsitr.data.transforms import TrainTransform
+
+            enc = self.method.image_encoder
+            size = cfg.data.image_size or enc.image_size
+            self.pair_dataset = CaptionPairDataset(
+                self.train_corpus,
+                TrainTransform(size, enc.mean, enc.std),
+                self.label_map,
+                on_error=cfg.data.on_error,
+            )
+            usable_img = np.ones(self.train_corpus.num_images, dtype=bool)
+        feature_seconds = time.perf_counter() - t_feat
+        usable = torch.from_numpy(np.flatnonzero(usable_img[self.caption_to_image]))
+
+        if self.dist.enabled:
+            self.method.gather = all_gather_with_grad
+            model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(self.method)
+        else:
+            model = self.method
+        optimizer = self._optimizer()
+        steps_per_epoch = len(self._epoch_batches(0, usable))
+        scheduler = build_scheduler(
+            optimizer, steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_steps, cfg.optim.schedule
+        )
+        start_epoch, step, best = 0, 0, -math.inf
+        best_epoch = -1
+        last_dir, best_dir = self.out / "last", self.out / "best"
+        if self.resume and (last_dir / "state.json").exists():
+            state = load_training_state(last_dir, self.method, optimizer)
+            start_epoch, step, best = state["epoch"], state["step"], state["best"]
+            best_epoch = state.get("best_epoch", -1)
+            self.history = state.get("history", [])
+            scheduler.load_state_dict(state["scheduler"])
+            logger.info("resumed from %s at epoch %d (step %d)", last_dir, start_epoch, step)
+        elif self.resume:
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", last_dir)
+
+        amp = cfg.amp and self.device.startswith("cuda")
+        train_seconds = 0.0
+        end_epoch = cfg.optim.epochs if self.stop_after is None else min(cfg.optim.epochs, start_epoch + self.stop_after)
+        for epoch in range(start_epoch, end_epoch):
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed * 31 + epoch)  # dropout: the same on a resumed run
+            self.method.train()
+            sums: dict[str, float] = {}
+            batches = self._epoch_batches(epoch, usable)
+            with self._progress(f"epoch {epoch + 1}/{cfg.optim.epochs}") as bar:
+                task = bar.add_task("", total=len(batches))
+                for done, micros in enumerate(batches, start=1):
+                    optimizer.zero_grad(set_to_none=True)
+                    for micro in micros:
+                        batch = (
+                            self._cached_batch(micro, epoch, step)
+                            if use_cache
+                            else self._raw_batch(micro, epoch, step)
+                        )
+                        if batch is None:
+                            continue
+                        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                            terms = model(batch)
+                        total = sum(v for k, v in terms.items() if k.endswith("_loss"))
+                        (total / len(micros)).backward()  # type: ignore[union-attr]
+                        for k, v in terms.items():
+                            sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micros)
+                        sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / len(micros)  # type: ignore[union-attr]
+                    if cfg.optim.clip_grad > 0:
+                        torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad)
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    bar.update(task, advance=1)
+                    if step % cfg.log_every == 0:
+                        running = {f"train/{k}": v / max(1, done) for k, v in sums.items()}
+                        self._log({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **running})
+            train_seconds += time.perf_counter() - t0
+            rec = EpochRecord(epoch + 1, {k: v / max(1, len(batches)) for k, v in sums.items()})
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+                metrics = self.validate()
+                rec.val = metrics.to_dict()
+                score = metrics.mR if cfg.select_metric == "mR" else _lookup(rec.val, cfg.select_metric)
+                if score > best and self.dist.is_main:
+                    best, best_epoch = score, epoch + 1
+                    save_checkpoint(
+                        best_dir, self.method, None, {"epoch": epoch + 1, "val": rec.val}, config_yaml
+                    )
+            rec.seconds = round(time.perf_counter() - t0, 2)
+            self.history.append(rec.__dict__)
+            self._log(
+                {
+                    "epoch": epoch + 1,
+                    **{f"train/{k}": v for k, v in rec.train.items()},
+                    **_flat("val", rec.val),
+                }
+            )
+            if self.dist.is_main:
+                logger.info(
+                    "epoch %d: loss %.4f%s",
+                    epoch + 1,
+                    rec.train.get("loss", float("nan")),
+                    f", val mR {rec.val['mR']:.2f}" if rec.val else "",
+                )
+                state = {
+                    "epoch": epoch + 1, "step": step, "best": best, "best_epoch": best_epoch,
+                    "history": self.history, "seed": cfg.seed, "scheduler": scheduler.state_dict(),
+                }  # fmt: skip
+                save_checkpoint(last_dir, self.method, optimizer, state, config_yaml)
+            barrier()
+        summary = {
+            "method": cfg.method,
+            "best_epoch": best_epoch,
+            f"best_val_{cfg.select_metric}": best,
+            "best_val": next((h["val"] for h in self.history if h["epoch"] == best_epoch), {}),
+            "epochs": cfg.optim.epochs,
+            "feature_seconds": round(feature_seconds, 1),
+            "train_seconds": round(train_seconds, 1),
+            "total_seconds": round(time.perf_counter() - t_start, 1),
+            "checkpoint": str(best_dir),
+            "ties": cfg.ties,
+        }
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> float:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"select_metric: {dotted!r} is not in the validation report")
+        node = node[part]
+    return float(node)
+
+
+def _flat(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(f"{prefix}/{k}", v))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}/{k}"] = v
+    return out

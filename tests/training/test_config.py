@@ -1,0 +1,49 @@
+"""Typed YAML configs with key=value overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rsitr.errors import ConfigError
+from rsitr.training.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_configs_load() -> None:
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.method == "dual", path
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(None, ["optim.lr=3e-4", "optim.epochs=7", "cache.views=identity,hflip", "model.embed_dim=64"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.epochs == 7
+    assert cfg.cache.views == ("identity", "hflip")
+    assert cfg.model == {"embed_dim": 64}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "optim.lrr: unknown option"),
+        ("optim.epochs=abc", "optim.epochs: expected an integer"),
+        ("ties=random", "ties: 'random' is not one of"),
+        ("optim.schedule=step", "optim.schedule"),
+        ("nonsense", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_errors_name_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("method: dual\noptim:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config(tmp_path / "missing.yaml")
