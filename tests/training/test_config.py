@@ -13,13 +13,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_configs_load() -> None:
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
         cfg = load_config(path)
         assert cfg.method == "dual", path
 
 
 def test_overrides_are_typed() -> None:
-    cfg = load_config(None, ["optim.lr=3e-4", "optim.epochs=7", "cache.views=identity,hflip", "model.embed_dim=64"])
+    cfg = load_config(
+        None, ["optim.lr=3e-4", "optim.epochs=7", "cache.views=identity,hflip", "model.embed_dim=64"]
+    )
     assert cfg.optim.lr == 3e-4 and cfg.optim.epochs == 7
     assert cfg.cache.views == ("identity", "hflip")
     assert cfg.model == {"embed_dim": 64}

@@ -56,7 +56,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
     loss.backward()
     if rank == 0:
-        save_file({"loss": loss.detach().reshape(1), **{f"grad.{k}": v for k, v in _grads(method).items()}}, out)
+        save_file(
+            {"loss": loss.detach().reshape(1), **{f"grad.{k}": v for k, v in _grads(method).items()}}, out
+        )
     dist.destroy_process_group()
 
 

@@ -17,7 +17,10 @@ from tests.training.conftest import tiny_overrides
 
 def test_train_resume_evaluate(tiny_synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A full 4-epoch run, and a 2-epoch run resumed to 4 epochs, must give identical weights.
-    full = Trainer(load_config(None, tiny_overrides(tiny_synth, tmp_path / "full", **{"optim.epochs": 4})), show_progress=False)
+    full = Trainer(
+        load_config(None, tiny_overrides(tiny_synth, tmp_path / "full", **{"optim.epochs": 4})),
+        show_progress=False,
+    )
     summary = full.fit()
     assert summary["best_epoch"] >= 1
     first = load_config(None, tiny_overrides(tiny_synth, tmp_path / "res", **{"optim.epochs": 4}))
@@ -49,7 +52,18 @@ def test_train_resume_evaluate(tiny_synth: Path, tmp_path: Path, capsys: pytest.
     ]  # fmt: skip
     assert run(argv) == 0
     d = json.loads(capsys.readouterr().out)
-    for key in ("i2t", "t2i", "mR", "ties", "rerank", "n_images", "n_captions", "seconds", "checkpoint", "data"):
+    for key in (
+        "i2t",
+        "t2i",
+        "mR",
+        "ties",
+        "rerank",
+        "n_images",
+        "n_captions",
+        "seconds",
+        "checkpoint",
+        "data",
+    ):
         assert key in d
     assert d["n_images"] == 20 and d["n_captions"] == 100
     chance = 100 * (1 + 5 + 10) / 3 / 20  # mean of R@1/5/10 for random ranking of 20 images
@@ -64,7 +78,9 @@ def test_feature_cache_resumes_and_is_reused(tiny_synth: Path, tmp_path: Path) -
     from rsitr.training.feature_cache import FeatureCache, data_fingerprint
 
     corpus = load_corpus(tiny_synth / "dataset_synth.json", split="val", images=tiny_synth / "images")
-    method = create_method("dual", {"image_encoder": "tiny-cnn", "text_encoder": "tiny-text"}, pretrained=False)
+    method = create_method(
+        "dual", {"image_encoder": "tiny-cnn", "text_encoder": "tiny-text"}, pretrained=False
+    )
     cache = FeatureCache(tmp_path, shard_size=8)
     payload = {"enc": method.image_encoder.identity(), "data": data_fingerprint(corpus)}
     calls: list[tuple[int, int]] = []

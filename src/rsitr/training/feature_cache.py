@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ class FeatureCache:
                     len(shards) - len(todo),
                     len(shards),
                 )
-            for i in todo:
+            t0 = time.perf_counter()
+            for j, i in enumerate(todo):
                 s, e = starts[i], min(starts[i] + self.shard_size, n)
                 feats, valid = compute(s, e)
                 tensors = {f"feat.{k}": v.contiguous() for k, v in feats.items()}
@@ -112,6 +114,12 @@ class FeatureCache:
                 os.replace(tmp, shards[i])
                 if progress is not None:
                     progress(e, n)
+                # A log line per shard, so that non-interactive runs (logs, CI) show progress too.
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / (j + 1) * (len(todo) - j - 1)
+                logger.info(
+                    "feature cache %s: shard %d/%d done, ETA %.0f s", folder.name, i + 1, len(shards), eta
+                )
             complete.write_text(json.dumps({"rows": n, "shards": len(shards)}))
         parts = [load_file(str(p)) for p in shards]
         keys = [k for k in parts[0] if k.startswith("feat.")] if parts else []

@@ -106,7 +106,11 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: TrainConfig, resume: bool = False, show_progress: bool = True, stop_after: int | None = None
+        self,
+        cfg: TrainConfig,
+        resume: bool = False,
+        show_progress: bool = True,
+        stop_after: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.resume = resume
@@ -389,7 +393,11 @@ class Trainer:
 
         amp = cfg.amp and self.device.startswith("cuda")
         train_seconds = 0.0
-        end_epoch = cfg.optim.epochs if self.stop_after is None else min(cfg.optim.epochs, start_epoch + self.stop_after)
+        end_epoch = (
+            cfg.optim.epochs
+            if self.stop_after is None
+            else min(cfg.optim.epochs, start_epoch + self.stop_after)
+        )
         for epoch in range(start_epoch, end_epoch):
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed * 31 + epoch)  # dropout: the same on a resumed run

@@ -121,7 +121,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
         else:
             self.weights = WeightsSource("random")
         model.reset_classifier(0)  # the 1000-class head is not part of the encoder
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last)  # see forward()
         self.image_size = model.pretrained_cfg["input_size"][-1]
         self.mean = tuple(model.pretrained_cfg["mean"])
         self.std = tuple(model.pretrained_cfg["std"])
@@ -132,7 +132,8 @@ class EfficientNetLite0Encoder(ImageEncoder):
     def forward(self, images: Tensor) -> ImageOutput:
         """Encode (B, 3, H, W) images normalised with :attr:`mean`/:attr:`std`."""
         m = self.model
-        x = m.bn1(m.conv_stem(images))  # bn1 includes the ReLU6
+        # Depthwise convolutions run about 2x faster on CPU in channels-last layout.
+        x = m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last)))  # bn1 includes ReLU6
         stages = []
         for block in m.blocks:
             x = block(x)
