@@ -46,7 +46,7 @@ def _comparison_table(rows: dict[str, dict[str, Any]]) -> None:
     from rich.table import Table
 
     t = Table(title="synthetic test split (ties: pessimistic)")
-    t.add_column("model")
+    t.add_column("model", no_wrap=True, min_width=9)
     for col in ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "mR"):
         t.add_column(col, justify="right")
     for name, m in rows.items():
@@ -80,7 +80,9 @@ def quickstart_cmd(
     synth_dir = out / "synth"
     json_path = synth_dir / "dataset_synth.json"
     stamp = synth_dir / "quickstart.json"
-    if not (json_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == {"n": n, "seed": seed}):
+    if not (
+        json_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == {"n": n, "seed": seed}
+    ):
         console.print(f"generating {n} synthetic scenes in {synth_dir} …")
         console.print(generate_scenes(synth_dir, n=n, size=224, seed=seed).line())
         stamp.write_text(json.dumps({"n": n, "seed": seed}))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
 from rsitr.data.corpus import RetrievalCorpus
+from rsitr.errors import DataError
 from rsitr.retrieval.metrics import RECALL_KS, RetrievalMetrics
 
 
@@ -65,7 +67,7 @@ def gallery(
             path = corpus.images[int(i)].path
             try:
                 tile = load_image(path).resize((thumb - 6, thumb - 6)) if path is not None else None
-            except Exception:  # a broken image still gets its slot in the gallery
+            except (DataError, OSError):  # a broken image still gets its (red/green) slot
                 tile = None
             colour = "green" if int(i) == int(c2i[q]) else "red"
             draw.rectangle([x, y + text_h, x + thumb - 1, y + text_h + thumb - 1], fill=colour)
@@ -77,9 +79,19 @@ def gallery(
 
 
 def write_report(
-    folder: str | Path, metrics: RetrievalMetrics, corpus: RetrievalCorpus, img: Tensor, txt: Tensor
+    folder: str | Path,
+    metrics: RetrievalMetrics,
+    corpus: RetrievalCorpus,
+    img: Tensor,
+    txt: Tensor,
+    method: Any = None,
+    **figure_kwargs: Any,
 ) -> Path:
-    """Write ``metrics.json``, ``scenes.csv`` and ``gallery.png`` into ``folder``."""
+    """Write ``metrics.json``, ``scenes.csv`` and ``gallery.png`` into ``folder``.
+
+    When ``method`` defines ``report_figures(corpus, folder, **figure_kwargs)`` (e.g. ``msa``),
+    its method-specific figures are written there too.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=1))
@@ -90,4 +102,7 @@ def write_report(
         w.writerows(rows)
     if all(im.path is not None for im in corpus.images):
         gallery(img, txt, corpus, folder / "gallery.png")
+        hook = getattr(method, "report_figures", None)
+        if callable(hook):
+            hook(corpus, folder, **figure_kwargs)
     return folder

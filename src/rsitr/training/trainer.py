@@ -274,19 +274,33 @@ class Trainer:
             "scene": torch.as_tensor(self.scenes[img_ids.numpy()]).to(self.device),
         }
 
-    def _raw_batch(self, caps: Tensor, epoch: int, step: int) -> dict[str, Any] | None:
-        items = [self.pair_dataset[int(c)] for c in caps]
-        items = [it for it in items if not it["failed"]]
-        if len(items) < 2:
+    def _raw_loader(self, batches: list[list[Tensor]]) -> Any:
+        """Image-loading iterator over this epoch's micro-batches (workers decode in parallel)."""
+        from torch.utils.data import DataLoader
+
+        from rsitr.data.datasets import collate_skip_failed
+
+        sampler = [m.tolist() for micros in batches for m in micros]
+        return iter(
+            DataLoader(
+                self.pair_dataset,
+                batch_sampler=sampler,
+                collate_fn=collate_skip_failed,
+                num_workers=self.cfg.num_workers,
+            )
+        )
+
+    def _raw_batch(self, items: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Tokenize a collated micro-batch and move it to the device (None: skip the step)."""
+        if items is None or len(items["caption"]) < 2:
             return None
-        tok = self.method.tokenize([it["caption"] for it in items])
-        img_ids = torch.tensor([it["image_id"] for it in items])
+        tok = self.method.tokenize(list(items["caption"]))
         return {
-            "image": torch.stack([it["image"] for it in items]).to(self.device),
+            "image": items["image"].to(self.device),
             "input_ids": tok["input_ids"].to(self.device),
             "attention_mask": tok["attention_mask"].to(self.device),
-            "image_id": img_ids.to(self.device),
-            "scene": torch.tensor([it["scene"] for it in items]).to(self.device),
+            "image_id": items["image_id"].to(self.device),
+            "scene": items["scene"].to(self.device),
         }
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -404,16 +418,16 @@ class Trainer:
             self.method.train()
             sums: dict[str, float] = {}
             batches = self._epoch_batches(epoch, usable)
+            raw = None if use_cache else self._raw_loader(batches)
             with self._progress(f"epoch {epoch + 1}/{cfg.optim.epochs}") as bar:
                 task = bar.add_task("", total=len(batches))
                 for done, micros in enumerate(batches, start=1):
                     optimizer.zero_grad(set_to_none=True)
                     for micro in micros:
-                        batch = (
-                            self._cached_batch(micro, epoch, step)
-                            if use_cache
-                            else self._raw_batch(micro, epoch, step)
-                        )
+                        if raw is None:
+                            batch = self._cached_batch(micro, epoch, step)
+                        else:
+                            batch = self._raw_batch(next(raw))
                         if batch is None:
                             continue
                         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
