@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rsitr.errors import ConfigError
+from rsitr.models import build_config, list_methods
 from rsitr.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,7 +18,8 @@ def test_shipped_configs_load() -> None:
     assert len(paths) >= 4
     for path in paths:
         cfg = load_config(path)
-        assert cfg.method == "dual", path
+        assert cfg.method in list_methods(), path
+        build_config(cfg.method, cfg.model)  # model options are valid for the method
 
 
 def test_overrides_are_typed() -> None:
