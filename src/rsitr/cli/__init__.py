@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import click
 
-from rsitr.cli import data, protocol, quickstart, synth, train  # noqa: F401  (register commands)
+from rsitr.cli import data, index, protocol, quickstart, serve, synth, train  # noqa: F401  (register commands)
 from rsitr.cli._app import app
 from rsitr.errors import RsitrError
 

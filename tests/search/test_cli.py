@@ -1,0 +1,132 @@
+"""The command line: index build (report, shards), index merge and search (text, image,
+image→caption, JSON), and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rsitr.cli import run
+from tests.search.conftest import SearchAssets
+
+
+def test_index_build_merge_and_search_commands(
+    assets: SearchAssets, archive_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (archive_copy / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    for i in range(2):
+        shard = tmp_path / f"s{i}"
+        assert (
+            run(
+                [
+                    "index",
+                    "build",
+                    str(archive_copy),
+                    "--checkpoint",
+                    str(assets.ckpt),
+                    "--out",
+                    str(shard),
+                    "--shard",
+                    f"{i}/2",
+                    "--json",
+                ]
+            )
+            == 0
+        )
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert sum(r["count"] for r in reports) == 40
+    assert [f["path"] for r in reports for f in r["failed"]] == ["broken.png"]
+
+    merged = tmp_path / "merged"
+    assert run(["index", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "40 images indexed" in out and "broken.png" in out
+
+    caption, image = assets.query
+    assert run(["search", str(merged), caption, "--top", "3", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["results"][0]["name"] == image and len(body["results"]) == 3
+    assert body["results"][0]["metadata"]["width"] == 128
+
+    assert run(["search", str(merged), "--image", str(archive_copy / image), "--top", "2"]) == 0
+    assert image in capsys.readouterr().out
+
+    caps = tmp_path / "captions.txt"
+    caps.write_text("\n".join(c for cs in assets.captions.values() for c in cs))
+    assert (
+        run(
+            [
+                "search",
+                str(merged),
+                "--image",
+                str(archive_copy / image),
+                "--captions",
+                str(caps),
+                "--top",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    ranked = [h["caption"] for h in json.loads(capsys.readouterr().out)["results"]]
+    assert set(ranked) & set(assets.captions[image])  # its own captions rank high
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "{idx}"], "either a query text or --image"),
+        (["search", "{idx}", "ships", "--image", "x.jpg"], "either a query text or --image"),
+        (["search", "{idx}", "ships", "--captions", "c.txt"], "add --image"),
+        (["search", "{tmp}/nothing", "ships"], "no index here"),
+        (["index", "build", "{tmp}/nothing", "--checkpoint", "{ckpt}", "--out", "{tmp}/o"], "not a folder"),
+        (
+            ["index", "build", "{archive}", "--checkpoint", "{ckpt}", "--out", "{tmp}/o", "--shard", "2/2"],
+            "--shard",
+        ),
+        (
+            [
+                "index",
+                "build",
+                "{archive}",
+                "--checkpoint",
+                "{ckpt}",
+                "--out",
+                "{tmp}/o",
+                "--index-kind",
+                "lsh",
+            ],
+            "index kind",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line(
+    assets: SearchAssets,
+    built_index: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    fill = {
+        "idx": str(built_index),
+        "tmp": str(tmp_path),
+        "ckpt": str(assets.ckpt),
+        "archive": str(assets.archive),
+    }
+    assert run([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_serve_binds_to_loopback_by_default() -> None:
+    import inspect
+
+    from rsitr.cli.serve import _is_loopback, serve_cmd
+
+    assert inspect.signature(serve_cmd).parameters["host"].default == "127.0.0.1"
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5")
