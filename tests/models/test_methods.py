@@ -16,7 +16,12 @@ TINY = {"image_encoder": "tiny-cnn", "text_encoder": "tiny-text", "image_encoder
 def test_method_contract(name: str) -> None:
     torch.manual_seed(0)
     method = create_method(name, TINY, pretrained=False)
-    texts = ["three white planes beside a terminal", "a river with a bridge", "green farmland", "a dense forest"]
+    texts = [
+        "three white planes beside a terminal",
+        "a river with a bridge",
+        "green farmland",
+        "a dense forest",
+    ]
     tok = method.tokenize(texts)
     batch = {"image": torch.randn(4, 3, 64, 64), **tok, "image_id": torch.tensor([0, 1, 2, 2])}
     terms = method(batch)

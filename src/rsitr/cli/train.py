@@ -32,7 +32,9 @@ def setup_logging(verbose: bool = False) -> None:
 @app.command("train")
 def train_cmd(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=3e-4.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=3e-4.")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <out_dir>/last.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -47,7 +49,9 @@ def train_cmd(
         from rsitr.retrieval.metrics import RetrievalMetrics
 
         v = summary["best_val"]
-        print_metrics_table(RetrievalMetrics(v["i2t"], v["t2i"], v["mR"], v["ties"]), title=f"{cfg.method}: validation")
+        print_metrics_table(
+            RetrievalMetrics(v["i2t"], v["t2i"], v["mR"], v["ties"]), title=f"{cfg.method}: validation"
+        )
     console.print(
         f"features {summary['feature_seconds']} s, training {summary['train_seconds']} s; "
         f"checkpoint {summary['checkpoint']}"
@@ -68,11 +72,19 @@ def evaluate_cmd(
     images: Annotated[Path | None, typer.Option("--images", help="Image root.")] = None,
     split: Annotated[str, typer.Option("--split")] = "test",
     fmt: Annotated[str | None, typer.Option("--format")] = None,
-    labels: Annotated[Path | None, typer.Option("--labels", help="labels.csv for the per-scene table.")] = None,
-    rerank: Annotated[str, typer.Option("--rerank", help="none|reverse-rank|mr|smr|inverted-softmax")] = "none",
-    rerank_config: Annotated[Path | None, typer.Option("--rerank-config", help="YAML from tune-rerank.")] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="labels.csv for the per-scene table.")
+    ] = None,
+    rerank: Annotated[
+        str, typer.Option("--rerank", help="none|reverse-rank|mr|smr|inverted-softmax")
+    ] = "none",
+    rerank_config: Annotated[
+        Path | None, typer.Option("--rerank-config", help="YAML from tune-rerank.")
+    ] = None,
     ties: Annotated[str, typer.Option("--ties")] = "pessimistic",
-    report: Annotated[Path | None, typer.Option("--report", help="Write metrics.json, scenes.csv, gallery.png here.")] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write metrics.json, scenes.csv, gallery.png here.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     device: Annotated[str, typer.Option("--device")] = "auto",
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -111,7 +123,8 @@ def evaluate_cmd(
     if report is not None:
         from rsitr.retrieval.report import write_report
 
-        write_report(report, metrics, clean, img, txt)
+        dev = next(method.parameters()).device
+        write_report(report, metrics, clean, img, txt, method=method, device=dev)
         metrics.extra["report"] = str(report)
     if as_json:
         typer.echo(json.dumps(metrics.to_dict()))
@@ -123,7 +136,9 @@ def evaluate_cmd(
 def embed_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or model.safetensors.")],
     data: Annotated[str, typer.Option("--data", help="Caption source or image folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Output .npz (image_embeddings, text_embeddings, names).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output .npz (image_embeddings, text_embeddings, names).")
+    ],
     images: Annotated[Path | None, typer.Option("--images")] = None,
     split: Annotated[str | None, typer.Option("--split")] = None,
     fmt: Annotated[str | None, typer.Option("--format")] = None,
@@ -153,4 +168,6 @@ def embed_cmd(
         caption_to_image=corpus.caption_to_image(),
     )
     tmp.replace(out)
-    console.print(f"wrote {out}: {img.shape[0]} images, {txt.shape[0]} captions, dim {img.shape[1] if img.numel() else 0}")
+    console.print(
+        f"wrote {out}: {img.shape[0]} images, {txt.shape[0]} captions, dim {img.shape[1] if img.numel() else 0}"
+    )

@@ -69,4 +69,4 @@ def create_method(name: str, cfg: Any = None, *, pretrained: bool = True) -> Any
 
 def _import_builtin() -> None:
     # Importing the method modules registers them.
-    from rsitr.models.methods import dual  # noqa: F401
+    from rsitr.models.methods import dual, msa  # noqa: F401
