@@ -33,7 +33,11 @@ class DualConfig:
         embed_dim: joint-space dimension.
         head: ``linear`` projection or 2-layer ``mlp`` (Linear–GELU–Dropout–Linear).
         head_hidden: hidden width of the MLP head.
-        dropout: dropout inside the MLP head (and on its input).
+        dropout: dropout on the MLP head's hidden layer.
+        input_dropout: dropout on the head's input features.
+        input_norm: normalise the head's input features per dimension: ``none``, ``batchnorm``
+            (standardise each feature dimension; frozen multi-tap features mix very different
+            scales) or ``layernorm``.
         loss: ``infonce``, ``triplet`` or ``both``.
         temperature: initial InfoNCE temperature τ.
         learn_temperature: learn τ (CLIP-style, 1/τ ≤ 100).
@@ -51,6 +55,8 @@ class DualConfig:
     head: Literal["linear", "mlp"] = "mlp"
     head_hidden: int = 1024
     dropout: float = 0.3
+    input_dropout: float = 0.3
+    input_norm: Literal["none", "batchnorm", "layernorm"] = "none"
     loss: Literal["infonce", "triplet", "both"] = "infonce"
     temperature: float = 0.07
     learn_temperature: bool = True
@@ -66,21 +72,35 @@ class DualConfig:
             raise ConfigError(f"model.negatives: {self.negatives!r} is not one of hardest, all")
         if self.embed_dim < 1:
             raise ConfigError(f"model.embed_dim must be >= 1, got {self.embed_dim}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+        for name in ("dropout", "input_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.input_norm not in ("none", "batchnorm", "layernorm"):
+            raise ConfigError(f"model.input_norm: {self.input_norm!r} is not one of none, batchnorm, layernorm")  # noqa: E501
 
 
-def projection_head(in_dim: int, out_dim: int, kind: str, hidden: int, dropout: float) -> nn.Module:
-    """``linear``: W x + b; ``mlp``: Dropout → Linear → GELU → Dropout → Linear."""
+def projection_head(
+    in_dim: int,
+    out_dim: int,
+    kind: str,
+    hidden: int,
+    dropout: float,
+    input_dropout: float = 0.0,
+    input_norm: str = "none",
+) -> nn.Module:
+    """[Norm →] [Dropout →] ``linear``: W x + b, or ``mlp``: Linear → GELU → Dropout → Linear."""
+    layers: list[nn.Module] = []
+    if input_norm == "batchnorm":
+        layers.append(nn.BatchNorm1d(in_dim, affine=False))
+    elif input_norm == "layernorm":
+        layers.append(nn.LayerNorm(in_dim, elementwise_affine=False))
+    if input_dropout > 0:
+        layers.append(nn.Dropout(input_dropout))
     if kind == "linear":
-        return nn.Linear(in_dim, out_dim)
-    return nn.Sequential(
-        nn.Dropout(dropout),
-        nn.Linear(in_dim, hidden),
-        nn.GELU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, out_dim),
-    )
+        layers.append(nn.Linear(in_dim, out_dim))
+    else:
+        layers += [nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)]
+    return nn.Sequential(*layers)
 
 
 @register_method("dual")
@@ -92,12 +112,9 @@ class DualEncoder(RetrievalMethod):
 
     def __init__(self, cfg: DualConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__(cfg, image_encoder, text_encoder)
-        self.image_head = projection_head(
-            image_encoder.num_features, cfg.embed_dim, cfg.head, cfg.head_hidden, cfg.dropout
-        )
-        self.text_head = projection_head(
-            text_encoder.num_features, cfg.embed_dim, cfg.head, cfg.head_hidden, cfg.dropout
-        )
+        head = (cfg.head, cfg.head_hidden, cfg.dropout, cfg.input_dropout, cfg.input_norm)
+        self.image_head = projection_head(image_encoder.num_features, cfg.embed_dim, *head)
+        self.text_head = projection_head(text_encoder.num_features, cfg.embed_dim, *head)
         self.logit_scale = LearnableTemperature(cfg.temperature)
         self.logit_scale.log_scale.requires_grad_(cfg.learn_temperature)
 
