@@ -34,7 +34,8 @@ class DualConfig:
         head: ``linear`` projection or 2-layer ``mlp`` (Linear–GELU–Dropout–Linear).
         head_hidden: hidden width of the MLP head.
         dropout: dropout on the MLP head's hidden layer.
-        input_dropout: dropout on the head's input features.
+        input_dropout: dropout on the head's input features; ``None`` uses ``dropout`` for the
+            ``mlp`` head and 0 for the ``linear`` head.
         input_norm: normalise the head's input features per dimension: ``none``, ``batchnorm``
             (standardise each feature dimension; frozen multi-tap features mix very different
             scales) or ``layernorm``.
@@ -55,7 +56,7 @@ class DualConfig:
     head: Literal["linear", "mlp"] = "mlp"
     head_hidden: int = 1024
     dropout: float = 0.3
-    input_dropout: float = 0.3
+    input_dropout: float | None = None
     input_norm: Literal["none", "batchnorm", "layernorm"] = "none"
     loss: Literal["infonce", "triplet", "both"] = "infonce"
     temperature: float = 0.07
@@ -73,7 +74,7 @@ class DualConfig:
         if self.embed_dim < 1:
             raise ConfigError(f"model.embed_dim must be >= 1, got {self.embed_dim}")
         for name in ("dropout", "input_dropout"):
-            if not 0 <= getattr(self, name) < 1:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must lie in [0, 1), got {getattr(self, name)}")
         if self.input_norm not in ("none", "batchnorm", "layernorm"):
             raise ConfigError(f"model.input_norm: {self.input_norm!r} is not one of none, batchnorm, layernorm")  # noqa: E501
@@ -89,6 +90,8 @@ def projection_head(
     input_norm: str = "none",
 ) -> nn.Module:
     """[Norm →] [Dropout →] ``linear``: W x + b, or ``mlp``: Linear → GELU → Dropout → Linear."""
+    if kind == "linear" and input_norm == "none" and input_dropout == 0:
+        return nn.Linear(in_dim, out_dim)
     layers: list[nn.Module] = []
     if input_norm == "batchnorm":
         layers.append(nn.BatchNorm1d(in_dim, affine=False))
@@ -112,7 +115,10 @@ class DualEncoder(RetrievalMethod):
 
     def __init__(self, cfg: DualConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__(cfg, image_encoder, text_encoder)
-        head = (cfg.head, cfg.head_hidden, cfg.dropout, cfg.input_dropout, cfg.input_norm)
+        in_drop = cfg.input_dropout
+        if in_drop is None:
+            in_drop = cfg.dropout if cfg.head == "mlp" else 0.0
+        head = (cfg.head, cfg.head_hidden, cfg.dropout, in_drop, cfg.input_norm)
         self.image_head = projection_head(image_encoder.num_features, cfg.embed_dim, *head)
         self.text_head = projection_head(text_encoder.num_features, cfg.embed_dim, *head)
         self.logit_scale = LearnableTemperature(cfg.temperature)
