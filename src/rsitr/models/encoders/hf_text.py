@@ -84,7 +84,12 @@ class HFTextEncoder(TextEncoder):
             ) from None
         self.weights = _weights_source(source, is_local, pretrained, package)
         self.num_features = self.token_dim = self.model.config.hidden_size
-        _logger.info("%s: loaded %s (%s)", name, source, self.weights.kind)
+        if self.weights.kind == "random":  # e.g. rebuilt before a checkpoint's weights are loaded
+            _logger.info(
+                "%s: architecture and tokenizer from %s, random init (no weights loaded)", name, source
+            )
+        else:
+            _logger.info("%s: loaded %s (%s)", name, source, self.weights.kind)
 
     @property
     def num_layers(self) -> int:
