@@ -117,13 +117,15 @@ def quickstart_cmd(
     torch.manual_seed(seed)
     untrained = create_method(cfg.method, cfg.model, pretrained=cfg.pretrained).eval()
     trained = load_method(summary["checkpoint"]).eval()
-    feats_img, _ = image_features(trained, test, image_size=cfg.data.image_size)
-    feats_txt = text_features(trained, test.captions)
     rows = {}
+    feats = None
     for name, method in (("untrained", untrained), ("trained", trained)):
-        if not method.cacheable:  # trainable towers: features differ per model
-            feats_img, _ = image_features(method, test, image_size=cfg.data.image_size)
-            feats_txt = text_features(method, test.captions)
+        if feats is None or not method.cacheable:  # frozen towers: one feature pass serves both
+            feats = (
+                image_features(method, test, image_size=cfg.data.image_size)[0],
+                text_features(method, test.captions),
+            )
+        feats_img, feats_txt = feats
         img = embed_from_features(method.encode_image, feats_img)
         txt = embed_from_features(method.encode_text, feats_txt)
         metrics = evaluate_embeddings(img, txt, test)

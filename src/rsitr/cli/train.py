@@ -168,6 +168,5 @@ def embed_cmd(
         caption_to_image=corpus.caption_to_image(),
     )
     tmp.replace(out)
-    console.print(
-        f"wrote {out}: {img.shape[0]} images, {txt.shape[0]} captions, dim {img.shape[1] if img.numel() else 0}"
-    )
+    dim = img.shape[1] if img.numel() else 0
+    console.print(f"wrote {out}: {img.shape[0]} images, {txt.shape[0]} captions, dim {dim}")

@@ -16,12 +16,10 @@ import numpy as np
 
 from rsitr.errors import ConfigError
 from rsitr.retrieval.metrics import RECALL_KS, TiePolicy, check_ties, evaluate_scores
-from rsitr.retrieval.ordering import topk_desc
 from rsitr.retrieval.relevance import Relevance
 from rsitr.retrieval.rerank import (
     MRParams,
     SMRParams,
-    mr_reference_matrix,
     rerank,
     smr_combine,
     smr_terms,
@@ -171,4 +169,4 @@ def tune_rerank(
     )
 
 
-__all__ = ["MR_GRID", "PAPER_GRID", "TuneResult", "mr_reference_matrix", "topk_desc", "tune_rerank"]
+__all__ = ["MR_GRID", "PAPER_GRID", "TuneResult", "tune_rerank"]

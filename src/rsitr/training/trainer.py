@@ -172,6 +172,18 @@ class Trainer:
             transient=True,
         )
 
+    def _rank0_first(
+        self, cache: FeatureCache, payload: dict[str, Any], n: int, compute: Any, bar: Any, task: Any
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Rank 0 computes (or reads) the cached feature set first; the other ranks then read it."""
+        out: tuple[dict[str, Tensor], Tensor] | None = None
+        for rank_turn in (True, False):
+            if rank_turn == self.dist.is_main:
+                out = cache.get(payload, n, compute, lambda d, t: bar.update(task, completed=d))
+            barrier()
+        assert out is not None
+        return out
+
     def _features(self, corpus: RetrievalCorpus, views: tuple[str, ...], role: str) -> FeatureSet:
         """Frozen features of ``corpus`` from the cache (computed once, rank 0 first)."""
         m = self.method
@@ -197,11 +209,7 @@ class Trainer:
 
             with self._progress(f"{role} images [{view}]") as bar:
                 task = bar.add_task("", total=corpus.num_images)
-                for rank_turn in (True, False):  # rank 0 computes, then the others read
-                    if rank_turn == self.dist.is_main:
-                        tick = lambda d, t, b=bar, k=task: b.update(k, completed=d)  # noqa: E731
-                        feats, ok = cache.get(payload, corpus.num_images, compute, tick)
-                    barrier()
+                feats, ok = self._rank0_first(cache, payload, corpus.num_images, compute, bar, task)
             out_views.append(feats)
             valid &= ok
         payload = {**base, "encoder": m.text_encoder.identity(), "text": text_fingerprint(corpus.captions)}
@@ -212,25 +220,22 @@ class Trainer:
 
         with self._progress(f"{role} captions") as bar:
             task = bar.add_task("", total=corpus.num_captions)
-            for rank_turn in (True, False):
-                if rank_turn == self.dist.is_main:
-                    text, _ = FeatureCache(self.cfg.cache.dir, shard_size=8192).get(
-                        payload, corpus.num_captions, compute_text, lambda d, t: bar.update(task, completed=d)
-                    )
-                barrier()
+            text_cache = FeatureCache(self.cfg.cache.dir, shard_size=8192)
+            text, _ = self._rank0_first(text_cache, payload, corpus.num_captions, compute_text, bar, task)
         return FeatureSet(out_views, valid, text)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
+        backbone = {id(p) for p in self.method.param_groups()["backbone"]}
+        trainable = [(n, p) for n, p in self.method.named_parameters() if p.requires_grad]
         groups = []
         for group, lr in (("head", o.lr), ("backbone", o.backbone_lr)):
-            params = [(n, p) for n, p in self.method.named_parameters() if p.requires_grad]
-            backbone = {id(p) for p in self.method.param_groups()["backbone"]}
-            sel = [(n, p) for n, p in params if (id(p) in backbone) == (group == "backbone")]
-            decay = [p for n, p in sel if p.ndim > 1 and not any(k in n.lower() for k in NO_DECAY)]
-            no_decay = [p for n, p in sel if not (p.ndim > 1 and not any(k in n.lower() for k in NO_DECAY))]
+            sel = [(n, p) for n, p in trainable if (id(p) in backbone) == (group == "backbone")]
+            decays = [p.ndim > 1 and not any(k in n.lower() for k in NO_DECAY) for n, p in sel]
+            decay = [p for (_, p), d in zip(sel, decays, strict=True) if d]
+            no_decay = [p for (_, p), d in zip(sel, decays, strict=True) if not d]
             if decay:
-                groups.append({"params": decay, "lr": lr, "weight_decay": o.weight_decay, "name": f"{group}"})
+                groups.append({"params": decay, "lr": lr, "weight_decay": o.weight_decay, "name": group})
             if no_decay:
                 groups.append(
                     {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{group}_no_decay"}
