@@ -92,7 +92,7 @@ def evaluate_cmd(
     """Evaluate a checkpoint on a split with the RSITR protocol."""
     from rsitr.cli.protocol import load_rerank_config
     from rsitr.data import load_corpus
-    from rsitr.retrieval.embed import embed_corpus, evaluate_embeddings
+    from rsitr.retrieval.embed import evaluate_corpus
     from rsitr.retrieval.metrics import check_ties
     from rsitr.retrieval.rerank import get_reranker
 
@@ -108,22 +108,17 @@ def evaluate_cmd(
     t0 = time.perf_counter()
     method = _load(checkpoint, device)
     corpus = load_corpus(data, split=split, fmt=fmt, images=images, labels=labels)
-    clean, warns = corpus.drop_blank_captions("eval")
-    img, txt = embed_corpus(method, clean, batch_size=batch_size, device=next(method.parameters()).device)
-    metrics = evaluate_embeddings(img, txt, clean, ties, rerank, params)  # type: ignore[arg-type]
+    dev = next(method.parameters()).device
+    metrics, clean, img, txt = evaluate_corpus(
+        method, corpus, ties=ties, rerank=rerank, rerank_params=params, batch_size=batch_size, device=dev
+    )  # type: ignore[arg-type]
+    # seconds: the whole command (model and data loading included)
     metrics.extra.update(
-        n_images=clean.num_images,
-        n_captions=clean.num_captions,
-        seconds=round(time.perf_counter() - t0, 2),
-        checkpoint=str(checkpoint),
-        data=str(data),
+        seconds=round(time.perf_counter() - t0, 2), checkpoint=str(checkpoint), data=str(data)
     )
-    if warns:
-        metrics.extra["warnings"] = warns
     if report is not None:
         from rsitr.retrieval.report import write_report
 
-        dev = next(method.parameters()).device
         write_report(report, metrics, clean, img, txt, method=method, device=dev)
         metrics.extra["report"] = str(report)
     if as_json:

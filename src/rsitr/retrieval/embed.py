@@ -200,7 +200,7 @@ def evaluate_embeddings(
     return metrics
 
 
-def evaluate_method(
+def evaluate_corpus(
     method: Any,
     corpus: RetrievalCorpus,
     *,
@@ -208,11 +208,14 @@ def evaluate_method(
     rerank: str = "none",
     rerank_params: dict[str, Any] | None = None,
     **embed_kwargs: Any,
-) -> RetrievalMetrics:
+) -> tuple[RetrievalMetrics, RetrievalCorpus, Tensor, Tensor]:
     """Embed ``corpus`` with ``method`` and compute the protocol metrics.
 
     Blank captions are excluded from the t2i queries (their images stay candidates), as the
     data layer's evaluation policy says; the report counts them.
+
+    Returns:
+        ``(metrics, evaluated corpus, image embeddings, caption embeddings)``.
     """
     t0 = time.perf_counter()
     clean, warnings = corpus.drop_blank_captions("eval")
@@ -225,4 +228,9 @@ def evaluate_method(
     )
     if warnings:
         metrics.extra["warnings"] = warnings
-    return metrics
+    return metrics, clean, img, txt
+
+
+def evaluate_method(method: Any, corpus: RetrievalCorpus, **kwargs: Any) -> RetrievalMetrics:
+    """The metrics of :func:`evaluate_corpus` alone."""
+    return evaluate_corpus(method, corpus, **kwargs)[0]
