@@ -33,6 +33,8 @@ def build_config(name: str, values: Mapping[str, Any] | None = None) -> Any:
     """The method's frozen ``Config`` from a mapping; unknown keys raise and name the field."""
     cls = get_method_class(name).Config
     values = dict(values or {})
+    if hasattr(cls, "resolve"):  # presets: the Config merges them under the given values
+        values = cls.resolve(values)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -58,15 +60,22 @@ def create_method(name: str, cfg: Any = None, *, pretrained: bool = True) -> Any
     cls = get_method_class(name)
     if cfg is None or isinstance(cfg, Mapping):
         cfg = build_config(name, cfg)
+    # Methods without freeze switches (adapter methods) always keep their towers frozen.
     img = create_image_encoder(
-        cfg.image_encoder, frozen=cfg.freeze_image, pretrained=pretrained, **cfg.image_encoder_kwargs
+        cfg.image_encoder,
+        frozen=getattr(cfg, "freeze_image", True),
+        pretrained=pretrained,
+        **cfg.image_encoder_kwargs,
     )
     txt = create_text_encoder(
-        cfg.text_encoder, frozen=cfg.freeze_text, pretrained=pretrained, **cfg.text_encoder_kwargs
+        cfg.text_encoder,
+        frozen=getattr(cfg, "freeze_text", True),
+        pretrained=pretrained,
+        **cfg.text_encoder_kwargs,
     )
     return cls(cfg, img, txt)
 
 
 def _import_builtin() -> None:
     # Importing the method modules registers them.
-    from rsitr.models.methods import dual, msa  # noqa: F401
+    from rsitr.models.methods import dual, msa, rdb  # noqa: F401

@@ -93,9 +93,10 @@ def image_features(
         x = apply_view(batch["image"].to(device), view)
         feats = method.image_features(x)
         for k, v in feats.items():
+            v = _storage(method, v)
             if k not in out:
-                out[k] = torch.zeros((n, *v.shape[1:]), dtype=torch.float32)
-            out[k][ids] = v.float().cpu()
+                out[k] = torch.zeros((n, *v.shape[1:]), dtype=v.dtype)
+            out[k][ids] = v
         valid[ids] = True
         done += len(ids)
         if progress is not None:
@@ -123,12 +124,20 @@ def text_features(
         tok = method.tokenize(captions[s : s + batch_size])
         feats = method.text_features(tok["input_ids"].to(device), tok["attention_mask"].to(device))
         for k, v in feats.items():
+            v = _storage(method, v)
             if k not in out:
-                out[k] = torch.zeros((len(captions), *v.shape[1:]), dtype=torch.float32)
-            out[k][s : s + len(v)] = v.float().cpu()
+                out[k] = torch.zeros((len(captions), *v.shape[1:]), dtype=v.dtype)
+            out[k][s : s + len(v)] = v
         if progress is not None:
             progress(min(s + batch_size, len(captions)), len(captions))
     return out
+
+
+def _storage(method: Any, v: Tensor) -> Tensor:
+    """A feature as stored: floating ones in the method's ``cache_dtype``; masks and indices as is."""
+    if v.is_floating_point():
+        return v.to(getattr(method, "cache_dtype", torch.float32)).cpu()
+    return v.cpu()
 
 
 def _slice(feats: dict[str, Tensor], s: int, e: int, device: str | torch.device) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ selection metric improves, a ``best`` checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from rsitr.data.corpus import RetrievalCorpus
 from rsitr.errors import ConfigError
 from rsitr.models import create_method
 from rsitr.models.methods.base import RetrievalMethod
+from rsitr.models.registry import get_method_class
 from rsitr.retrieval.embed import (
     embed_from_features,
     evaluate_embeddings,
@@ -189,7 +191,7 @@ class Trainer:
         m = self.method
         cache = FeatureCache(self.cfg.cache.dir)
         size = self.cfg.data.image_size or m.image_encoder.image_size
-        base = {"method": m.name, "hook": type(m).__qualname__, "image_size": size}
+        base = {"method": m.name, "hook": type(m).__qualname__, "image_size": size, **m.cache_identity()}
         out_views = []
         valid = torch.ones(corpus.num_images, dtype=torch.bool)
         for view in views:
@@ -344,7 +346,11 @@ class Trainer:
         if self.dist.is_main:
             (self.out / "config.yaml").write_text(config_yaml)
         self._build_data()
-        self.method: RetrievalMethod = create_method(cfg.method, cfg.model, pretrained=cfg.pretrained).to(
+        model_cfg = dict(cfg.model)
+        fields = {f.name for f in dataclasses.fields(get_method_class(cfg.method).Config)}
+        if "num_classes" in fields and not model_cfg.get("num_classes"):
+            model_cfg["num_classes"] = len(self.label_map)  # scene classes of the training split
+        self.method: RetrievalMethod = create_method(cfg.method, model_cfg, pretrained=cfg.pretrained).to(
             self.device
         )
         groups = self.method.param_groups()
@@ -357,6 +363,8 @@ class Trainer:
             n_all,
             100 * n_train / max(1, n_all),
         )
+        if hasattr(self.method, "trainable_summary"):
+            logger.info("trainable parameters by part: %s", self.method.trainable_summary())
         use_cache = cfg.cache.enabled == "on" or (cfg.cache.enabled == "auto" and self.method.cacheable)
         if use_cache and not self.method.cacheable:
             raise ConfigError("cache.enabled=on needs frozen towers (model.freeze_image/freeze_text)")
@@ -394,6 +402,7 @@ class Trainer:
             model = self.method
         optimizer = self._optimizer()
         steps_per_epoch = len(self._epoch_batches(0, usable))
+        self.method.set_schedule(steps_per_epoch)
         scheduler = build_scheduler(
             optimizer, steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_steps, cfg.optim.schedule
         )
@@ -446,11 +455,13 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad)
                     optimizer.step()
                     scheduler.step()
+                    self.method.on_step_end()
                     step += 1
                     bar.update(task, advance=1)
                     if step % cfg.log_every == 0:
                         running = {f"train/{k}": v / max(1, done) for k, v in sums.items()}
                         self._log({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **running})
+            self.method.on_epoch_end()
             train_seconds += time.perf_counter() - t0
             rec = EpochRecord(epoch + 1, {k: v / max(1, len(batches)) for k, v in sums.items()})
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:

@@ -37,6 +37,8 @@ class RetrievalMethod(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    #: dtype of floating features in the on-disk feature cache
+    cache_dtype: ClassVar[torch.dtype] = torch.float32
 
     def __init__(self, cfg: Any, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__()
@@ -117,6 +119,20 @@ class RetrievalMethod(nn.Module):
         """L2-normalised (N, D) text embeddings, from token ids or cached frozen features."""
         feats = self.text_features(input_ids, attention_mask) if feats is None else feats
         return F.normalize(self.embed_text(feats), dim=-1)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Config values the frozen features depend on beyond the encoders (part of the cache key)."""
+        return {}
+
+    # --- training hooks (no-ops unless a method needs them) --------------------------------------
+    def set_schedule(self, steps_per_epoch: int) -> None:
+        """Called once before training with the number of optimiser steps per epoch."""
+
+    def on_step_end(self) -> None:
+        """Called after every optimiser step (EMA teachers, parameter clamps)."""
+
+    def on_epoch_end(self) -> None:
+        """Called after every training epoch."""
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters split into ``backbone`` (encoders) and ``head`` (the rest)."""

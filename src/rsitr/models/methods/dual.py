@@ -77,7 +77,9 @@ class DualConfig:
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must lie in [0, 1), got {getattr(self, name)}")
         if self.input_norm not in ("none", "batchnorm", "layernorm"):
-            raise ConfigError(f"model.input_norm: {self.input_norm!r} is not one of none, batchnorm, layernorm")  # noqa: E501
+            raise ConfigError(
+                f"model.input_norm: {self.input_norm!r} is not one of none, batchnorm, layernorm"
+            )  # noqa: E501
 
 
 def projection_head(
