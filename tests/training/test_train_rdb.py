@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from rsitr.cli import run
 from rsitr.models.checkpoint import load_method
 from rsitr.training import Trainer, load_config
 from tests.training.conftest import tiny_overrides
@@ -56,6 +57,21 @@ def test_rdb_trains_from_cache_and_resumes(tiny_synth: Path, tmp_path: Path) -> 
     assert m.encode_text(**m.tokenize(["a plane"])).shape == (1, 32)
     # the EMA teacher moved away from its initial copy of the student
     assert m.teacher is not None and m.step.item() > 0
+
+    # rsitr evaluate --report writes the Fig. 1 motivation plot (before / after, by scene)
+    report = tmp_path / "report"
+    argv = ["evaluate", str(run_dir / "best"), "--data", str(tiny_synth / "dataset_synth.json"), "--images",
+            str(tiny_synth / "images"), "--split", "test", "--json", "--report", str(report)]  # fmt: skip
+    assert run(argv) == 0
+    knn = json.loads((report / "embeddings_knn.json").read_text())
+    assert set(knn) == {
+        "frozen towers/image",
+        "frozen towers/text",
+        "trained (rdb)/image",
+        "trained (rdb)/text",
+    }
+    assert all(0 <= v <= 100 for v in knn.values())
+    assert (report / "embeddings_pca.png").stat().st_size > 1000
 
     # an interrupted run resumed to the end gives the same weights (teacher and step included)
     b = tmp_path / "b"

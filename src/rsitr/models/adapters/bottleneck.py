@@ -23,12 +23,14 @@ class AdapterContext:
         mask: the token validity mask (B, N) of the current forward, or ``None``.
         capture: when True, insertions record ``(input, output)`` of their frozen module in
             ``captured`` and skip the adapter (used to compute the cacheable prefix).
+        off: when True, every adapter is bypassed (the frozen tower's output, for comparisons).
     """
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None
         self.capture = False
         self.captured: tuple[Tensor, Tensor] | None = None
+        self.off = False
 
 
 class BottleneckAdapter(nn.Module):
@@ -116,7 +118,9 @@ class GatedInsertion(nn.Module):
             return getattr(self._modules["inner"], name)
 
     def delta(self, y: Tensor) -> Tensor:
-        """``σ(g)·W_up z`` for tokens or maps ``y``."""
+        """``σ(g)·W_up z`` for tokens or maps ``y`` (zero while the context is ``off``)."""
+        if self.ctx.off:
+            return torch.zeros_like(y)
         a = torch.sigmoid(self.gate)
         if self.layout == "nchw":
             tokens = y.flatten(2).transpose(1, 2)

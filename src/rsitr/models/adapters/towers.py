@@ -107,6 +107,14 @@ class AdaptedTower(nn.Module):
         finally:
             self.ctx.mask = None  # a later direct call of the encoder must not see a stale mask
 
+    def frozen_suffix(self, feats: Features) -> Tensor:
+        """:meth:`suffix` with every adapter bypassed: the frozen encoder's pooled output."""
+        self.ctx.off = True
+        try:
+            return self.suffix(feats)
+        finally:
+            self.ctx.off = False
+
     def _suffix(self, feats: Features) -> Tensor:
         raise NotImplementedError
 

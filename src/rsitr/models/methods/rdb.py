@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -443,6 +444,13 @@ class RDB(RetrievalMethod):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Everything trainable is adapter-side (``head``): the towers stay frozen."""
         return {"backbone": [], "head": [p for p in self.parameters() if p.requires_grad]}
+
+    def report_figures(self, corpus: Any, folder: str | Path, **kwargs: Any) -> list[Path]:
+        """The paper's Fig. 1 motivation plot, before and after adaptation; see
+        :func:`rsitr.models.methods._rdb_figures.write_embedding_plot`."""
+        from rsitr.models.methods._rdb_figures import write_embedding_plot
+
+        return write_embedding_plot(self, corpus, Path(folder), **kwargs)
 
     def trainable_summary(self) -> dict[str, int]:
         """Trainable parameter counts by part (logged at start-up)."""
