@@ -165,3 +165,32 @@ def embed_cmd(
     tmp.replace(out)
     dim = img.shape[1] if img.numel() else 0
     console.print(f"wrote {out}: {img.shape[0]} images, {txt.shape[0]} captions, dim {dim}")
+
+
+@app.command("runs")
+def runs_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Training output folders (each with summary.json).")],
+) -> None:
+    """Print a Markdown table of finished runs: best val recalls, mR, epoch, parameters, time."""
+    head = (
+        "| run | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR | best epoch | trainable params | train s |"
+    )
+    typer.echo(head)
+    typer.echo("|" + "---|" * (head.count("|") - 1))
+    for d in run_dirs:
+        f = d / "summary.json"
+        if not f.exists():
+            typer.echo(f"| {d} | (no summary.json: not finished) |")
+            continue
+        s = json.loads(f.read_text())
+        v = s.get("best_val") or {}
+        if not v:
+            typer.echo(f"| {d} | (no validation) |")
+            continue
+        rec = [v[k][r] for k in ("i2t", "t2i") for r in ("R@1", "R@5", "R@10")] + [v["mR"]]
+        params = s.get("trainable_params")
+        typer.echo(
+            f"| {d} | "
+            + " | ".join(f"{x:.2f}" for x in rec)
+            + f" | {s['best_epoch']}/{s['epochs']} | {params if params is not None else '?'} | {s['train_seconds']} |"
+        )

@@ -356,6 +356,7 @@ class Trainer:
         groups = self.method.param_groups()
         n_train = sum(p.numel() for g in groups.values() for p in g)
         n_all = sum(p.numel() for p in self.method.parameters())
+        self.n_trainable, self.n_params = n_train, n_all
         logger.info(
             "method %s: %d trainable of %d parameters (%.2f%%)",
             cfg.method,
@@ -506,6 +507,8 @@ class Trainer:
             "total_seconds": round(time.perf_counter() - t_start, 1),
             "checkpoint": str(best_dir),
             "ties": cfg.ties,
+            "trainable_params": self.n_trainable,
+            "total_params": self.n_params,
         }
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
