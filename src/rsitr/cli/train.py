@@ -188,9 +188,10 @@ def runs_cmd(
             typer.echo(f"| {d} | (no validation) |")
             continue
         rec = [v[k][r] for k in ("i2t", "t2i") for r in ("R@1", "R@5", "R@10")] + [v["mR"]]
-        params = s.get("trainable_params")
-        typer.echo(
-            f"| {d} | "
-            + " | ".join(f"{x:.2f}" for x in rec)
-            + f" | {s['best_epoch']}/{s['epochs']} | {params if params is not None else '?'} | {s['train_seconds']} |"
-        )
+        params = s.get("trainable_params", "?")
+        cells = [f"{x:.2f}" for x in rec] + [
+            f"{s['best_epoch']}/{s['epochs']}",
+            str(params),
+            str(s["train_seconds"]),
+        ]
+        typer.echo(f"| {d} | " + " | ".join(cells) + " |")
