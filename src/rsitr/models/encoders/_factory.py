@@ -195,4 +195,12 @@ def _build(spec: EncoderSpec, registry: Registry[Factory], kwargs: dict[str, obj
 
 def _import_builtin() -> None:
     # Importing the family modules registers them (lazily: they import torch libraries).
-    from rsitr.models.encoders import clip, efficientnet, hf_text, minilm, timm_backbones, tiny  # noqa: F401
+    from rsitr.models.encoders import (  # noqa: F401
+        clip,
+        efficientnet,
+        gswin,
+        hf_text,
+        minilm,
+        timm_backbones,
+        tiny,
+    )
