@@ -53,3 +53,43 @@ class LearnableTemperature(torch.nn.Module):
     def forward(self) -> Tensor:
         """The logit scale 1/τ."""
         return self.log_scale.exp().clamp(max=self.max_scale)
+
+
+def queue_infonce(
+    img: Tensor,
+    txt: Tensor,
+    img_ids: Tensor,
+    img_keys: Tensor,
+    txt_keys: Tensor,
+    key_ids: Tensor,
+    scale: Tensor | float,
+) -> Tensor:
+    """Momentum-queue ITC (CMPAGL Eq. 18, MoCo/ALBEF style) with multi-positive targets.
+
+    Queries are the online embeddings; keys are the momentum embeddings of the batch followed by
+    the queue. Every key whose image id equals the query's is a positive (the pair itself, other
+    captions of the image in the batch, and its in-queue duplicates), never a negative; keys with
+    id < 0 are empty queue slots and are ignored.
+
+    Args:
+        img: (B, D) normalised online image embeddings (i2t queries).
+        txt: (B, D) normalised online caption embeddings (t2i queries).
+        img_ids: (B,) image id of each pair.
+        img_keys: (M, D) momentum image embeddings (batch + queue).
+        txt_keys: (M, D) momentum caption embeddings (batch + queue).
+        key_ids: (M,) image id of each key pair (−1: empty).
+        scale: the logit scale 1/τ.
+
+    Returns:
+        Scalar: ½ (L_i2t + L_t2i), each averaged over the B queries.
+    """
+    pos = img_ids[:, None] == key_ids[None, :]  # (B, M)
+    empty = (key_ids < 0)[None, :]
+    targets = pos.to(img.dtype) / pos.sum(1, keepdim=True).clamp_min(1).to(img.dtype)
+
+    def one_way(q: Tensor, keys: Tensor) -> Tensor:
+        logits = (q @ keys.T * scale).masked_fill(empty, float("-inf"))
+        log_p = F.log_softmax(logits, dim=1).masked_fill(empty, 0.0)
+        return -(targets * log_p).sum(1).mean()
+
+    return 0.5 * (one_way(img, txt_keys) + one_way(txt, img_keys))

@@ -78,4 +78,4 @@ def create_method(name: str, cfg: Any = None, *, pretrained: bool = True) -> Any
 
 def _import_builtin() -> None:
     # Importing the method modules registers them.
-    from rsitr.models.methods import dual, msa, rdb  # noqa: F401
+    from rsitr.models.methods import cmpagl, dual, msa, rdb  # noqa: F401
