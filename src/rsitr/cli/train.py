@@ -76,8 +76,13 @@ def evaluate_cmd(
         Path | None, typer.Option("--labels", help="labels.csv for the per-scene table.")
     ] = None,
     rerank: Annotated[
-        str, typer.Option("--rerank", help="none|reverse-rank|mr|smr|inverted-softmax")
-    ] = "none",
+        str,
+        typer.Option(
+            "--rerank",
+            help="auto|none|reverse-rank|mr|smr|inverted-softmax; auto: the method's default "
+            "(smr for cmpagl, none otherwise)",
+        ),
+    ] = "auto",
     rerank_config: Annotated[
         Path | None, typer.Option("--rerank-config", help="YAML from tune-rerank.")
     ] = None,
@@ -101,12 +106,14 @@ def evaluate_cmd(
     params: dict[str, Any] = {}
     if rerank_config is not None:
         rerank, params = load_rerank_config(rerank_config)
-    if rerank != "none":
+    if rerank not in ("none", "auto"):
         get_reranker(rerank)
     import time
 
     t0 = time.perf_counter()
     method = _load(checkpoint, device)
+    if rerank == "auto":  # e.g. CMPAGL evaluates with its SMR by default
+        rerank = getattr(method, "default_rerank", "none")
     corpus = load_corpus(data, split=split, fmt=fmt, images=images, labels=labels)
     dev = next(method.parameters()).device
     metrics, clean, img, txt = evaluate_corpus(

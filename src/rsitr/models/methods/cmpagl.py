@@ -374,6 +374,34 @@ def mask_tokens(
     return ids, labels
 
 
+@torch.no_grad()
+def hard_negatives(
+    sim: Tensor, ids: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ITM hard negatives (ALBEF): for every caption an image, for every image a caption, sampled
+    ∝ softmax of the ITC similarities over the in-batch *negatives* (pairs of another image).
+
+    Args:
+        sim: (B, B) scaled similarities, rows images and columns captions.
+        ids: (B,) image id of each pair.
+        generator: optional RNG (tests).
+
+    Returns:
+        ``(neg_img, neg_txt, has_img, has_txt)``: (B,) the sampled image for each caption and caption
+        for each image, and (B,) bool whether the caption / image had any negative at all (where
+        not, the sample is meaningless and must be dropped).
+    """
+    neg = ids[:, None] != ids[None, :]  # (B, B) image i vs caption j
+    has_txt, has_img = neg.any(1), neg.any(0)
+    w_txt = sim.masked_fill(~neg, float("-inf")).softmax(1)  # for each image, over captions
+    w_img = sim.T.masked_fill(~neg.T, float("-inf")).softmax(1)  # for each caption, over images
+    w_txt = torch.where(has_txt[:, None], w_txt, torch.ones_like(w_txt))  # rows without negatives
+    w_img = torch.where(has_img[:, None], w_img, torch.ones_like(w_img))
+    neg_txt = torch.multinomial(w_txt, 1, generator=generator).squeeze(1)
+    neg_img = torch.multinomial(w_img, 1, generator=generator).squeeze(1)
+    return neg_img, neg_txt, has_img, has_txt
+
+
 def _bert_config(text_encoder: TextEncoder) -> Any:
     model = getattr(text_encoder, "model", None)
     cfg = getattr(model, "config", None)
@@ -577,19 +605,10 @@ class CMPAGL(RetrievalMethod):
         self, img: Tensor, txt: Tensor, ids: Tensor, img_feats: Features, txt_feats: Features, scale: Tensor
     ) -> Tensor:
         """L_ITM (Eq. 21): the B matching pairs, plus for every caption a hard negative image and for
-        every image a hard negative caption, sampled ∝ softmax of the ITC similarities over the
-        in-batch negatives (ALBEF). Queries whose batch holds no negative get none."""
+        every image a hard negative caption (:func:`hard_negatives`); the multimodal encoder scores
+        all of them in one pass."""
         b = ids.numel()
-        with torch.no_grad():
-            neg = ids[:, None] != ids[None, :]  # (B, B) image i vs caption j
-            sim = (img @ txt.T).float() * scale
-            w_txt = sim.masked_fill(~neg, float("-inf")).softmax(1)  # for each image, over captions
-            w_img = sim.T.masked_fill(~neg.T, float("-inf")).softmax(1)  # for each caption, over images
-            has_txt, has_img = neg.any(1), neg.any(0)
-            w_txt = torch.where(has_txt[:, None], w_txt, torch.ones_like(w_txt))  # unused rows
-            w_img = torch.where(has_img[:, None], w_img, torch.ones_like(w_img))
-            neg_txt = torch.multinomial(w_txt, 1).squeeze(1)
-            neg_img = torch.multinomial(w_img, 1).squeeze(1)
+        neg_img, neg_txt, has_img, has_txt = hard_negatives((img @ txt.T).detach().float() * scale, ids)
         ar = torch.arange(b, device=ids.device)
         img_idx = torch.cat([ar, neg_img[has_img], ar[has_txt]])
         txt_idx = torch.cat([ar, ar[has_img], neg_txt[has_txt]])
