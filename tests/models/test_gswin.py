@@ -233,3 +233,28 @@ def test_init_from_a_random_timm_swin_t(tmp_path: Path) -> None:
     assert create_image_encoder(f"gswin@{path}", pretrained=False).identity()["weights"]["kind"] == "random"
     with pytest.raises(DataError, match="no Swin weights match"):
         create_image_encoder(f"gswin-tiny@{path}")
+
+
+# --- attention maps (Fig. 7) -------------------------------------------------------------------------------
+
+
+def test_kept_attention_gives_the_fused_result() -> None:
+    torch.manual_seed(0)
+    blk = GswinBlock(8, 2, window=4, gwg_layers=0).eval()
+    x = torch.randn(1, 8, 8, 8)
+    ref = blk._window_attn(blk.attn, x, 2, valid=(6, 7))
+    blk.attn.keep_attention = True
+    out = blk._window_attn(blk.attn, x, 2, valid=(6, 7))
+    assert torch.allclose(out, ref, atol=1e-5)
+    w = blk.attn.last_attention
+    assert w.shape == (4, 2, 16, 16) and torch.allclose(w.sum(-1), torch.ones(4, 2, 16))
+
+
+def test_attention_maps_of_the_last_block() -> None:
+    enc = _tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    maps = enc.attention_maps(x)
+    assert maps.shape == (2, 2, 2) and maps.min() >= 0 and maps.max() <= 1
+    last = enc.layers[-1].blocks[-1].attn
+    assert not last.keep_attention and last.last_attention is None  # switched back off
+    assert torch.allclose(enc(x).pooled, enc(x).pooled)  # the normal path is unaffected

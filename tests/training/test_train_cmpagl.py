@@ -56,7 +56,8 @@ def test_train_checkpoint_evaluate(
         "evaluate", str(run_dir / "best"), "--data", str(tiny_synth / "dataset_synth.json"),
         "--images", str(tiny_synth / "images"), "--split", "val", "--json",
     ]  # fmt: skip
-    assert run(argv) == 0
+    assert run([*argv, "--report", str(tmp_path / "report")]) == 0
     assert json.loads(capsys.readouterr().out)["rerank"] == "smr"  # --rerank auto: the method's default
+    assert (tmp_path / "report" / "cmpagl_fig7_attention.png").is_file()  # Fig. 7
     assert run([*argv, "--rerank", "none"]) == 0
     assert json.loads(capsys.readouterr().out)["rerank"] == "none"

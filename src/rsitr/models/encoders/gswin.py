@@ -137,6 +137,9 @@ class WindowAttention(nn.Module):
         coords = coords.flatten(1)  # (2, N)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
         self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], False)
+        #: when set, :meth:`forward` computes the softmax explicitly and keeps it in ``last_attention``
+        self.keep_attention = False
+        self.last_attention: Tensor | None = None
 
     def bias(self) -> Tensor:
         """(heads, N, N) relative position bias."""
@@ -162,7 +165,12 @@ class WindowAttention(nn.Module):
             nw = blocked.shape[0]
             mask = mask.masked_fill(blocked[:, None], float("-inf"))  # (nW, h, N, N)
             q, k, v = (t.view(bw // nw, nw, h, n, c // h) for t in (q, k, v))  # (B, nW, h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.keep_attention:  # (for figures) the same result as the fused kernel, with the weights
+            attn = ((q @ k.transpose(-2, -1)) * (c // h) ** -0.5 + mask).softmax(-1)
+            self.last_attention = attn.detach().reshape(bw, h, n, n)
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.reshape(bw, h, n, c // h).transpose(1, 2).reshape(bw, n, c))
 
 
@@ -509,6 +517,29 @@ class GswinEncoder(ImageEncoder):
         pooled = tokens[:, 0] if self.pool == "first" else tokens.mean(1)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return ImageOutput(pooled=pooled, tokens=tokens, mask=mask, maps=maps)
+
+    @torch.no_grad()
+    def attention_maps(self, images: Tensor) -> Tensor:
+        """Attention of the last Gswin block's LW-MSA (Fig. 7): (B, h', w') maps in [0, 1].
+
+        Each token's value is the attention it receives inside its window, averaged over heads
+        and queries (padded keys receive none), min-max normalised per image.
+        """
+        attn = self.layers[-1].blocks[-1].attn
+        attn.keep_attention = True
+        try:
+            _, maps = self.forward_maps(images)
+            weights = attn.last_attention
+        finally:
+            attn.keep_attention, attn.last_attention = False, None
+        assert weights is not None
+        h, w = maps[-1].shape[-2:]
+        ws = attn.window
+        hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+        received = weights.mean(dim=(1, 2))[..., None]  # (B·nW, N, 1)
+        m = window_reverse(received, ws, hp, wp)[:, :h, :w, 0]  # (B, h', w')
+        lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+        return (m - lo) / (hi - lo).clamp_min(1e-12)
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), **self.options, "weights": self.weights.as_dict()}

@@ -17,7 +17,7 @@ switch it off (0): ITC (Eq. 18) against momentum encoders (μ = 0.995) and a fea
 optimized triplet (Eq. 19) over the in-batch pairs, MLM (Eq. 20) predicted by the multimodal encoder
 from masked captions and the image, and ITM (Eq. 21) on the multimodal [CLS] with hard negatives
 sampled from the in-batch ITC similarities. SMR (§III-E) is the default reranker at evaluation
-(``default_rerank``; ``rsitr evaluate --rerank auto``).
+(``default_rerank``; ``rsitr evaluate --rerank auto``), and ``rsitr evaluate --report`` draws Fig. 7.
 
 Presets (``preset``) are the ablation rows of Tables III–VI:
 
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -694,3 +695,10 @@ class CMPAGL(RetrievalMethod):
             "heads": count([self.itm_head, self.mlm_head]),
             **self.parameter_counts(),
         }
+
+    def report_figures(self, corpus: Any, folder: str | Path, **kwargs: Any) -> list[Path]:
+        """Fig. 7 (attention of the last Gswin block over the images) for ``rsitr evaluate --report``;
+        see :func:`rsitr.models.methods._cmpagl_figures.write_attention_figure`."""
+        from rsitr.models.methods._cmpagl_figures import write_attention_figure
+
+        return write_attention_figure(self, corpus, Path(folder), **kwargs)
