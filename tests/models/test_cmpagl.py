@@ -415,3 +415,32 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert torch.allclose(m2.encode_image(b["image"]), m.encode_image(b["image"]), atol=1e-6)
     tok = (b["input_ids"], b["attention_mask"])
     assert torch.allclose(m2.encode_text(*tok), m.encode_text(*tok), atol=1e-6)
+
+
+def test_itm_rescore_reorders_only_the_top_k() -> None:
+    m = _method().eval()
+    b = _batch(m, ids=(0, 1, 2))
+    img = m.image_features(b["image"][:3])
+    tok = m.tokenize([*CAPTIONS, "a parking lot", "a beach"])
+    txt = m.text_features(tok["input_ids"], tok["attention_mask"])
+    scores = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    i2t, t2i = m.itm_rescore(scores, img, txt, k=2, batch_size=5)
+    assert i2t.shape == t2i.shape == (3, 6)
+    for row, s in zip(i2t, scores, strict=True):
+        top = set(s.topk(2).indices.tolist())
+        assert set(row.topk(2).indices.tolist()) == top  # re-scored candidates stay on top
+        assert all(0 <= row[j] <= 1 for j in top)
+        rest = [j for j in range(6) if j not in top]
+        assert torch.allclose(row[rest], s[rest] - 1e3)  # the tail keeps its ITC order
+    # a re-scored pair holds the ITM match probability of that pair
+    j = int(scores[0].argmax())
+    with torch.no_grad():
+        p = m.itm_head(
+            m.fused_pair(img["tokens"][:1], txt["tokens"][j : j + 1], txt["attention_mask"][j : j + 1].bool())
+        )
+    assert i2t[0, j].item() == pytest.approx(p.softmax(-1)[0, 1].item(), abs=1e-5)
+    assert torch.equal(
+        t2i.topk(2, dim=0).indices.sort(0).values, scores.topk(2, dim=0).indices.sort(0).values
+    )
+    with pytest.raises(ConfigError, match="itm_weight=0"):
+        _method(itm_weight=0.0).itm_rescore(scores, img, txt)

@@ -696,6 +696,62 @@ class CMPAGL(RetrievalMethod):
             **self.parameter_counts(),
         }
 
+    @torch.no_grad()
+    def itm_rescore(
+        self, scores: Tensor, image_feats: Features, text_feats: Features, k: int = 16, batch_size: int = 256
+    ) -> tuple[Tensor, Tensor]:
+        """Optional ALBEF-style re-scoring of each query's top-``k`` ITC candidates by ITM (off by default).
+
+        Slower than dual-stream retrieval: 2·k·(N + M) passes of the multimodal encoder for N images
+        and M captions. Candidates outside the top k keep their ITC order below all re-scored ones.
+
+        Args:
+            scores: (N, M) ITC similarities (images × captions).
+            image_feats: :meth:`image_features` of the N images (``tokens`` is used).
+            text_feats: :meth:`text_features` of the M captions (``tokens``, ``attention_mask``).
+            k: candidates re-scored per query.
+            batch_size: pairs per multimodal pass.
+
+        Returns:
+            ``(i2t, t2i)`` (N, M) score matrices: the top k of each row (i2t) or column (t2i) hold the
+            ITM match probability in [0, 1], the others ITC − 10³.
+
+        Raises:
+            ConfigError: the method was built without ITM (``itm_weight: 0``).
+        """
+        if self.itm_head is None:
+            raise ConfigError(
+                "itm_rescore needs the ITM head; this model was trained with model.itm_weight=0"
+            )
+        was = self.training
+        self.eval()
+        dev = self.text_proj.weight.device
+        img_tok = image_feats["tokens"]
+        txt_tok, txt_mask = text_feats["tokens"], text_feats["attention_mask"].bool()
+
+        def rescore(s: Tensor, query_is_image: bool) -> Tensor:
+            kk = min(k, s.shape[1])
+            top = s.topk(kk, dim=1).indices  # (Q, k)
+            q = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(top).reshape(-1)
+            c = top.reshape(-1)
+            ii, tt = (q, c) if query_is_image else (c, q)
+            probs = []
+            for a in range(0, ii.numel(), batch_size):
+                i, t = ii[a : a + batch_size].cpu(), tt[a : a + batch_size].cpu()
+                pair = self.fused_pair(
+                    img_tok[i].to(dev).float(), txt_tok[t].to(dev).float(), txt_mask[t].to(dev)
+                )
+                probs.append(self.itm_head(pair).softmax(-1)[:, 1].to(s.device, s.dtype))
+            out = s - 1e3
+            if probs:
+                out[q, c] = torch.cat(probs)
+            return out
+
+        try:
+            return rescore(scores, True), rescore(scores.T, False).T
+        finally:
+            self.train(was)
+
     def report_figures(self, corpus: Any, folder: str | Path, **kwargs: Any) -> list[Path]:
         """Fig. 7 (attention of the last Gswin block over the images) for ``rsitr evaluate --report``;
         see :func:`rsitr.models.methods._cmpagl_figures.write_attention_figure`."""
