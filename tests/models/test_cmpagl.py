@@ -148,14 +148,17 @@ def test_queue_infonce_duplicates_are_positives_and_empty_slots_ignored() -> Non
 
 def test_training_steps_fill_the_queue_and_cap_it_to_the_data() -> None:
     m = _method(queue_size=1000, itm_weight=0.0, mlm_weight=0.0)
-    m.set_schedule(3)  # 3 steps of 4 pairs per epoch: 12 training pairs
+    m.set_schedule(3)  # 3 optimiser steps per epoch
     m.train()
     b = _batch(m)
+    m(b), m(b)  # one step of two accumulated micro-batches of 4 pairs: 3 × 8 = 24 pairs per epoch
+    assert m.queue.size == 1000 and m.queue.ids[:8].tolist() == [0, 1, 2, 2] * 2
+    m.on_step_end()
+    assert m.queue.size == 24 and (m.queue.ids == -1).all()  # capped (and emptied) once
     m(b)
-    assert m.queue.size == 12
-    assert m.queue.ids[:4].tolist() == [0, 1, 2, 2] and (m.queue.ids[4:] == -1).all()
+    m.on_step_end()
     m(b)
-    assert m.queue.ids[:8].tolist() == [0, 1, 2, 2] * 2 and int(m.queue.ptr) == 8
+    assert m.queue.size == 24 and m.queue.ids[:8].tolist() == [0, 1, 2, 2] * 2 and int(m.queue.ptr) == 8
     m.eval()
     m(b)  # evaluation does not enqueue
     assert int(m.queue.ptr) == 8

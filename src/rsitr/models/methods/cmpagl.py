@@ -487,6 +487,7 @@ class CMPAGL(RetrievalMethod):
         self.queue = FeatureQueue(cfg.queue_size if cfg.itc_weight > 0 else 0, cfg.embed_dim)
         self.steps_per_epoch: int | None = None
         self._queue_capped = False
+        self._pairs_this_step = 0  # pairs enqueued since the last optimiser step (all micro-batches)
         self.momentum: MeanTeacher | None = None
         if cfg.itc_weight > 0:  # last: it tracks the parameters that exist now
             other = tuple(f"{name}." for name, _ in self.named_children() if name not in MOMENTUM_PARTS)
@@ -538,8 +539,6 @@ class CMPAGL(RetrievalMethod):
         terms: dict[str, Tensor] = {}
         if cfg.itc_weight > 0:
             img_m, txt_m = (g(t) for t in self.momentum_embeddings(batch, img_feats, txt_feats))
-            if self.training:
-                self._cap_queue(ids_g.numel())
             q = self.queue
             terms["itc"] = queue_infonce(
                 img_g, txt_g, ids_g,
@@ -547,6 +546,7 @@ class CMPAGL(RetrievalMethod):
             )  # fmt: skip
             if self.training:
                 q.push(img_m, txt_m, ids_g)
+                self._pairs_this_step += ids_g.numel()
         if cfg.triplet_weight > 0:
             pos = positives_from_ids(ids_g)
             terms["triplet"] = optimized_triplet(img_g @ txt_g.T, pos, cfg.margin, cfg.triplet_reduction)
@@ -572,13 +572,14 @@ class CMPAGL(RetrievalMethod):
                 ft = self.text_features(batch["input_ids"], batch["attention_mask"])
             return F.normalize(self.embed_image(fi), dim=-1), F.normalize(self.embed_text(ft), dim=-1)
 
-    def _cap_queue(self, batch_size: int) -> None:
-        """Once, before the first training step: M ≤ the number of training pairs per epoch."""
-        if self._queue_capped:
-            return
+    def _cap_queue(self, pairs_per_step: int) -> None:
+        """After the first optimiser step: M ≤ the training pairs per epoch (steps × pairs per step).
+
+        Capping empties the queue, which then loses only the first step's keys.
+        """
         self._queue_capped = True
-        if self.steps_per_epoch is not None and self.queue.size > self.steps_per_epoch * batch_size:
-            cap = self.steps_per_epoch * batch_size
+        cap = (self.steps_per_epoch or 0) * pairs_per_step
+        if 0 < cap < self.queue.size:
             _logger.info(
                 "cmpagl: queue_size %d capped to %d (training pairs per epoch)", self.queue.size, cap
             )
@@ -642,13 +643,16 @@ class CMPAGL(RetrievalMethod):
         return F.cross_entropy(logits, labels[sel], reduction="sum") / ids.shape[0]
 
     def set_schedule(self, steps_per_epoch: int) -> None:
-        """Called by the trainer before training: caps the queue at the pairs per epoch."""
+        """Called by the trainer before training: the queue is capped at steps × pairs per step."""
         self.steps_per_epoch = max(1, steps_per_epoch)
 
     def on_step_end(self) -> None:
-        """θ' ← μθ' + (1 − μ)θ for the momentum encoders and projections."""
+        """θ' ← μθ' + (1 − μ)θ for the momentum encoders and projections; the queue cap after step 1."""
         if self.momentum is not None:
             self.momentum.update(self.cfg.momentum)
+        if not self._queue_capped and self._pairs_this_step:
+            self._cap_queue(self._pairs_this_step)
+        self._pairs_this_step = 0
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """``backbone``: pretrained weights (the text half, the BERT parts of the fusion layers, an image
