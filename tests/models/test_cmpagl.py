@@ -447,3 +447,16 @@ def test_itm_rescore_reorders_only_the_top_k() -> None:
     )
     with pytest.raises(ConfigError, match="itm_weight=0"):
         _method(itm_weight=0.0).itm_rescore(scores, img, txt)
+
+
+def test_a_bert_base_deep_model_splits_6_plus_6(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path / "deep"
+    AutoTokenizer.from_pretrained(_TEXT["spec"].removeprefix("hf:")).save_pretrained(folder)
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=12, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=32)).save_pretrained(folder)  # fmt: skip
+    pa = _method(text_encoder=f"hf:{folder}")
+    assert (pa.num_text_layers, len(pa.fusion)) == (6, 6)  # bert-base-uncased's 6 + 6
+    std = _method(text_encoder=f"hf:{folder}", pre_aligned=False)
+    assert (len(std.fusion), len(std.image_fusion)) == (3, 3)
