@@ -1,11 +1,12 @@
 """Protocol benchmark: rsitr's vectorised metrics and rerankers vs straightforward loops.
 
-Run: ``python benchmarks/protocol.py [--large] [--threads N]``. Prints a table. The loop
+Run: ``python benchmarks/protocol.py [--large] [--dtype float32|float64]``. Prints a table. The loop
 versions below are written here, from the definitions, as a per-query Python loop over
 ``np.argsort`` (the style of the field's reference code); they are never used by the library.
 
-Sizes: RSICD test (1093 × 5465) and, with ``--large``, 10,000 × 50,000 (float32), where the
-loops are timed on a row subsample and extrapolated (marked ``~``).
+Sizes: RSICD test (1093 × 5465; float32 unless ``--dtype float64``) and, with ``--large``,
+10,000 × 50,000 (float32), where the loops are timed on a row subsample and extrapolated
+(marked ``~``).
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def _loop_smr(m: np.ndarray, k: int, g1: float, g2: float, rows: int) -> np.ndar
     out = np.zeros((rows, k))
     for q in range(rows):
         cand = np.argsort(-m[q], kind="stable")[:k]
+        row_max = m[q].max()
         for j, c in enumerate(cand, start=1):
             r = np.where(col_orders[:, c] == q)[0][0] + 1
-            w = (1 - j / k) + g1 * (1 - r / nq) + g2 * (m[q, c] / m[q].max() + m[q, c] / col_max[c])
+            w = (1 - j / k) + g1 * (1 - r / nq) + g2 * (m[q, c] / row_max + m[q, c] / col_max[c])
             out[q, j - 1] = w * m[q, c]
     return out
 
@@ -94,10 +96,11 @@ def loop_smr(s: np.ndarray, k: int, rows: int | None = None) -> None:
 def loop_inverted_softmax(s: np.ndarray, t: float, rows: int | None = None) -> None:
     n = s.shape[0] if rows is None else rows
     z = s / t
-    col_lse = [np.log(np.exp(z[:, c]).sum()) for c in range(s.shape[1])]
+    col_lse = np.array([np.log(np.exp(z[:, c]).sum()) for c in range(s.shape[1])])
+    i2t, t2i = np.empty_like(z), np.empty_like(z)
     for i in range(n):
-        _ = z[i] - np.array(col_lse)
-        _ = z[i] - np.log(np.exp(z[i]).sum())
+        i2t[i] = z[i] - col_lse
+        t2i[i] = z[i] - np.log(np.exp(z[i]).sum())
 
 
 # --- harness -------------------------------------------------------------------------------
@@ -151,23 +154,24 @@ def bench(n: int, cpi: int, dtype: type, loop_rows: int | None) -> list[tuple[st
 
 
 def metrics_peak_memory(n: int, cpi: int) -> float:
-    """Peak extra memory (GiB) of evaluate_scores beyond the input matrix, via tracemalloc."""
+    """Peak extra memory (MiB) of evaluate_scores beyond the input matrix, via tracemalloc."""
     s = make_scores(n, cpi, np.float32)
     rel = Relevance.from_captions_per_image(n, cpi)
     tracemalloc.start()
     evaluate_scores(s, rel)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return peak / 2**30
+    return peak / 2**20
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--large", action="store_true", help="also run 10,000 × 50,000")
     ap.add_argument("--loop-rows", type=int, default=100, help="row subsample for loops at large size")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="RSICD-size scores")
     args = ap.parse_args()
-    print("timing (best of 3 for rsitr at RSICD size) ...")
-    rows = bench(1093, 5, np.float64, None)
+    print(f"timing (best of 3 for rsitr at RSICD size, {args.dtype}) ...")
+    rows = bench(1093, 5, np.dtype(args.dtype).type, None)
     if args.large:
         rows += bench(10_000, 5, np.float32, args.loop_rows)
     print()
@@ -180,7 +184,7 @@ def main() -> None:
         )
     if args.large:
         peak = metrics_peak_memory(10_000, 5)
-        print(f"\nmetrics on 10,000 × 50,000 float32 (input 1.86 GiB): peak extra memory {peak:.2f} GiB")
+        print(f"\nmetrics on 10,000 × 50,000 float32 (input 1.86 GiB): peak extra memory {peak:.1f} MiB")
     print("(~ = loop timed on a row subsample and extrapolated; both directions are included)")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -86,20 +88,46 @@ def test_rerankers_keep_topk_set_and_tail_order(seed: int, name: str, k: int, ti
         assert (np.diff(tail_vals, axis=1) <= 0).all()
 
 
-def test_reverse_positions_agree_between_strategies() -> None:
-    from rsitr.retrieval.ordering import _reverse_positions_count, _reverse_positions_sort
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("table_elems", [None, 40])
+def test_reverse_positions_agree_between_strategies(
+    ties: bool, table_elems: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rsitr.retrieval import ordering
 
-    s = _matrix(5, ties=True)
+    if table_elems is not None:  # several row blocks, each with its own lookup tables
+        monkeypatch.setattr(ordering, "_TABLE_ELEMS", table_elems)
+    s = _matrix(5, ties=ties)
     rows = np.repeat(np.arange(s.shape[0]), 4)
     cols = np.random.default_rng(0).integers(0, s.shape[1], rows.size)
-    a = _reverse_positions_count(s, rows, cols)
-    b = _reverse_positions_sort(s, rows, cols)
+    st = np.ascontiguousarray(s.T)
+    counted = ordering._positions_by_count(st, cols, rows, s[rows, cols])
+    searched = reverse_positions(s, rows, cols)
     naive = [
         sorted(range(s.shape[0]), key=lambda q: (-s[q, c], q)).index(r)
         for r, c in zip(rows, cols, strict=True)
     ]
-    assert a.tolist() == b.tolist() == naive
-    assert np.array_equal(reverse_positions(s, rows, cols), a)
+    assert counted.tolist() == searched.tolist() == naive
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 9), st.booleans())
+def test_topk_and_positions_match_full_sorts(seed: int, k: int, ties: bool) -> None:
+    from rsitr.retrieval.ordering import row_positions, row_topk
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(int(rng.integers(1, 15)), 9))
+    a = np.round(a) if ties else a
+    order = np.argsort(-a, axis=1, kind="stable")
+    top = row_topk(a, k)
+    assert np.array_equal(top.idx, order[:, :k])
+    if k < a.shape[1]:
+        assert np.array_equal(top.next_val, np.take_along_axis(a, order[:, k : k + 1], 1)[:, 0])
+    rows = np.repeat(np.arange(a.shape[0]), a.shape[1])
+    entries = np.tile(np.arange(a.shape[1]), a.shape[0])
+    pos = np.empty_like(order)
+    np.put_along_axis(pos, order, np.arange(a.shape[1])[None, :], 1)
+    assert np.array_equal(row_positions(a, rows, entries), pos.ravel())
 
 
 def test_inverted_softmax_definition() -> None:
@@ -146,3 +174,58 @@ def test_tuning_fast_path_matches_full_evaluation(name: str) -> None:
     full = rerank(s, name, **res.params)
     assert evaluate_scores(full.i2t, rel, t2i_scores=full.t2i).mR == pytest.approx(res.val_mR)
     assert res.val_mR == max(t["mR"] for t in res.top)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(TOPK_RERANKERS), st.integers(1, 12), st.booleans())
+def test_blocked_and_tiled_paths_give_identical_results(seed: int, name: str, k: int, ties: bool) -> None:
+    # Tiny working blocks force many row blocks, column tiles and lookup-table blocks.
+    from rsitr.retrieval import ordering
+
+    s = _matrix(seed, ties=ties).astype(np.float32 if seed % 2 else np.float64)
+    whole = rerank(s, name, k=k)
+    with pytest.MonkeyPatch.context() as mp:
+        for const in ("_SELECT_ELEMS", "_TABLE_ELEMS", "_CHUNK_ELEMS"):
+            mp.setattr(ordering, const, 7)
+        blocked = rerank(s, name, k=k)
+    assert np.array_equal(whole.i2t, blocked.i2t) and np.array_equal(whole.t2i, blocked.t2i)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 12), st.booleans(), st.sampled_from([2**22, 1]))
+def test_column_pass_matches_the_transposed_matrix(seed: int, k: int, ties: bool, table_elems: int) -> None:
+    # table_elems=1 leaves no room for row-block lookup tables: lookups go tile by tile.
+    from rsitr.retrieval import ordering
+
+    s = _matrix(seed, ties=ties)
+    st_ = np.ascontiguousarray(s.T)
+    rows = np.random.default_rng(seed).integers(0, s.shape[0], 50)
+    cols = np.random.default_rng(seed + 1).integers(0, s.shape[1], 50)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ordering, "_SELECT_ELEMS", 40)  # several column tiles
+        mp.setattr(ordering, "_TABLE_ELEMS", table_elems)
+        top, pos, sums = ordering.col_topk_positions(s, k, rows, cols, s[rows, cols], col_sums=True)
+    ref = ordering.row_topk(st_, k)
+    assert np.array_equal(top.idx, ref.idx) and np.array_equal(top.vals, ref.vals)
+    assert np.array_equal(top.row_max, ref.row_max)
+    assert (top.next_val is None) == (ref.next_val is None)
+    if ref.next_val is not None:
+        assert np.array_equal(top.next_val, ref.next_val)
+    assert np.array_equal(pos, ordering.row_positions(st_, cols, rows))
+    assert np.array_equal(sums, st_.sum(axis=1))
+
+
+@pytest.mark.parametrize("block", [1, 7, 2**18])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inverted_softmax_blocks_are_bit_identical(block: int, dtype: type) -> None:
+    rerank_mod = importlib.import_module(
+        "rsitr.retrieval.rerank"
+    )  # the package exports a function of that name
+
+    s = _matrix(11, n=23).astype(dtype)
+    z = np.asarray(s, dtype=np.float64) / 0.1
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rerank_mod, "_SOFTMAX_ELEMS", block)
+        out = rerank(s, "inverted-softmax", temperature=0.1)
+    assert np.array_equal(out.i2t, z - rerank_mod._logsumexp(z, axis=0))
+    assert np.array_equal(out.t2i, z - rerank_mod._logsumexp(z, axis=1))

@@ -46,9 +46,73 @@ def _chunk_len(other_dim: int, itemsize: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // per_line)
 
 
+_PASS_ELEMS = 2**18  # elements per row block of the counting pass: the block stays in cache
+
+
+def _count_dtype(bound: int) -> type:
+    """Smallest unsigned type for counts up to ``bound`` (narrow sums are the fastest)."""
+    return np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.uint64
+
+
+def _counts_at_least(
+    scores: np.ndarray,
+    row_thr: np.ndarray | None,
+    col_thr: np.ndarray | None,
+    strict: bool,
+    chunk_bytes: int,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Entries of each row ≥ ``row_thr`` and of each column ≥ ``col_thr`` (> if ``strict``).
+
+    One pass over row blocks small enough to stay in cache serves both counts.
+
+    Returns:
+        ``(row_counts, col_counts)``, int64, ``None`` where no threshold was given.
+    """
+    n, c = scores.shape
+    cmp = np.greater if strict else np.greater_equal
+    rows_per = min(max(1, _PASS_ELEMS // c), _chunk_len(c, scores.itemsize, chunk_bytes))
+    row_counts = None if row_thr is None else np.empty(n, dtype=np.int64)
+    col_counts = None if col_thr is None else np.zeros(c, dtype=np.int64)
+    mask = np.empty((min(rows_per, n), c), dtype=bool)
+    row_type, col_type = _count_dtype(c), _count_dtype(rows_per)
+    for s in range(0, n, rows_per):
+        block = scores[s : s + rows_per]
+        m = mask[: block.shape[0]]
+        if row_counts is not None:
+            cmp(block, row_thr[s : s + rows_per, None], out=m)  # type: ignore[index]
+            row_counts[s : s + rows_per] = np.add.reduce(m.view(np.uint8), axis=1, dtype=row_type)
+        if col_counts is not None:
+            cmp(block, col_thr[None, :], out=m)  # type: ignore[index]
+            col_counts += np.add.reduce(m.view(np.uint8), axis=0, dtype=col_type)
+    return row_counts, col_counts
+
+
 def gt_scores(scores: np.ndarray, rel: Relevance) -> np.ndarray:
     """(n_captions,) score of each caption with its own image: ``S[img(j), j]``."""
     return scores[rel.caption_to_image, np.arange(rel.num_captions)]
+
+
+def _i2t_thresholds(scores: np.ndarray, rel: Relevance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Query images, the best score of each one's captions, and how many captions tie with it."""
+    images, cols, starts = rel.grouped()
+    g = gt_scores(scores, rel)[cols]
+    best = np.maximum.reduceat(g, starts) if g.size else np.empty(0, scores.dtype)
+    counts = rel.captions_per_image[images]
+    # Own captions that tie with the best one are not counted against the query.
+    own_ties = (
+        np.add.reduceat((g == np.repeat(best, counts)).astype(np.int64), starts)
+        if g.size
+        else np.zeros(0, dtype=np.int64)
+    )
+    return images, best, own_ties
+
+
+def _i2t_from_counts(
+    counts: np.ndarray, images: np.ndarray, own_ties: np.ndarray, ties: TiePolicy
+) -> np.ndarray:
+    """i2t ranks of the query images from each image's count of captions at/above its best."""
+    ranks = counts if counts.size == images.size else counts[images]
+    return ranks if ties == "optimistic" else ranks - own_ties
 
 
 def i2t_ranks(
@@ -69,24 +133,11 @@ def i2t_ranks(
         (len(rel.query_images),) int64 ranks, in the order of ``rel.query_images``.
     """
     check_ties(ties)
-    images, cols, starts = rel.grouped()
-    g = gt_scores(scores, rel)[cols]
-    best = np.maximum.reduceat(g, starts) if g.size else np.empty(0, scores.dtype)
-    counts = rel.captions_per_image[images]
-    # Own captions that tie with the best one are not counted against the query.
-    own_ties = np.add.reduceat((g == np.repeat(best, counts)).astype(np.int64), starts)
-    ranks = np.empty(images.size, dtype=np.int64)
-    step = _chunk_len(scores.shape[1], scores.itemsize, chunk_bytes)
-    contiguous = images.size == scores.shape[0]
-    for s in range(0, images.size, step):
-        rows = slice(s, s + step) if contiguous else images[s : s + step]
-        block = scores[rows]
-        b = best[s : s + step, None]
-        if ties == "optimistic":
-            ranks[s : s + step] = np.count_nonzero(block > b, axis=1)
-        else:
-            ranks[s : s + step] = np.count_nonzero(block >= b, axis=1) - own_ties[s : s + step]
-    return ranks
+    images, best, own_ties = _i2t_thresholds(scores, rel)
+    thr = np.zeros(scores.shape[0], dtype=scores.dtype)  # images without captions: discarded
+    thr[images] = best
+    counts, _ = _counts_at_least(scores, thr, None, ties == "optimistic", chunk_bytes)
+    return _i2t_from_counts(counts, images, own_ties, ties)  # type: ignore[arg-type]
 
 
 def t2i_ranks(
@@ -107,17 +158,22 @@ def t2i_ranks(
         (n_captions,) int64 ranks.
     """
     check_ties(ties)
-    g = gt_scores(scores, rel)
-    ranks = np.empty(rel.num_captions, dtype=np.int64)
-    step = _chunk_len(scores.shape[0], scores.itemsize, chunk_bytes)
-    for s in range(0, rel.num_captions, step):
-        block = scores[:, s : s + step]
-        gs = g[None, s : s + step]
-        if ties == "optimistic":
-            ranks[s : s + step] = np.add.reduce(block > gs, axis=0, dtype=np.int64)
-        else:  # the caption's own image always satisfies >=, hence the -1
-            ranks[s : s + step] = np.add.reduce(block >= gs, axis=0, dtype=np.int64) - 1
-    return ranks
+    _, counts = _counts_at_least(scores, None, gt_scores(scores, rel), ties == "optimistic", chunk_bytes)
+    # Pessimistic: the caption's own image always satisfies >=, hence the -1.
+    return counts if ties == "optimistic" else counts - 1  # type: ignore[return-value,operator]
+
+
+def _both_ranks(
+    scores: np.ndarray, rel: Relevance, ties: TiePolicy, chunk_bytes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(i2t_ranks, t2i_ranks)`` of one matrix in a single pass over it."""
+    images, best, own_ties = _i2t_thresholds(scores, rel)
+    thr = np.zeros(scores.shape[0], dtype=scores.dtype)
+    thr[images] = best
+    strict = ties == "optimistic"
+    rows, cols = _counts_at_least(scores, thr, gt_scores(scores, rel), strict, chunk_bytes)
+    ri = _i2t_from_counts(rows, images, own_ties, ties)  # type: ignore[arg-type]
+    return ri, cols if strict else cols - 1  # type: ignore[return-value,operator]
 
 
 def rank_summary(ranks: np.ndarray) -> dict[str, float]:
@@ -210,8 +266,11 @@ def evaluate_scores(
         The metrics, naming the tie policy and reranker used.
     """
     ties = check_ties(ties)
-    ri = i2t_ranks(scores, rel, ties, chunk_bytes)
-    rt = t2i_ranks(scores if t2i_scores is None else t2i_scores, rel, ties, chunk_bytes)
+    if t2i_scores is None:
+        ri, rt = _both_ranks(scores, rel, ties, chunk_bytes)
+    else:
+        ri = i2t_ranks(scores, rel, ties, chunk_bytes)
+        rt = t2i_ranks(t2i_scores, rel, ties, chunk_bytes)
     i2t, t2i = rank_summary(ri), rank_summary(rt)
     return RetrievalMetrics(
         i2t=i2t,

@@ -10,6 +10,9 @@ with ties broken by the lower index. Candidates outside the top-k keep their ori
 order below every candidate. The top-k rerankers therefore return *ranking keys* (see
 :func:`rsitr.retrieval.ordering.scores_with_tail`); their raw reranked scores are available from
 :func:`mr_reference_matrix` and :func:`smr_terms` / :func:`smr_combine`.
+
+The two directions share their work: one top-k of the rows and one pass over column tiles (the
+columns' top-k and the i2t reverse positions) serve both, and ``Sᵀ`` is never copied whole.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from rsitr.errors import ConfigError
-from rsitr.retrieval.ordering import reverse_positions, scores_with_tail, topk_desc
+from rsitr.retrieval.ordering import (
+    TopK,
+    col_topk_positions,
+    row_positions,
+    row_topk,
+    scores_with_tail,
+    scores_with_tail_t,
+)
 
 
 @dataclass(frozen=True)
@@ -117,8 +127,75 @@ def _check_k(k: int, m: np.ndarray, direction: str) -> None:
         )
 
 
-def _both_directions(scores: np.ndarray, one_way: Callable[[np.ndarray, str], np.ndarray]) -> Reranked:
-    return Reranked(one_way(scores, "i2t"), one_way(np.ascontiguousarray(scores.T), "t2i").T)
+@dataclass(frozen=True)
+class _TwoWay:
+    """Top-k of both directions of ``S``: i2t queries are its rows, t2i queries its columns.
+
+    Attributes:
+        s: the (n, C) scores.
+        i2t: (n, k) top-k captions of each image.
+        t2i: (C, k) top-k images of each caption.
+        back_i2t: (n, k) each image's position in the descending order of each of its
+            candidate captions' columns.
+        col_sums: (C,) float64 column sums of ``S``, if asked for.
+    """
+
+    s: np.ndarray
+    i2t: TopK
+    t2i: TopK
+    back_i2t: np.ndarray
+    col_sums: np.ndarray | None
+
+    def back_t2i(self, group: np.ndarray | None = None) -> np.ndarray:
+        """(C, k) each caption's position in the order of each of its candidate images' rows."""
+        return _back_positions(self.s, self.t2i.idx, self.t2i.vals, group)
+
+    def keys(self, direction: str, cand: np.ndarray, cand_scores: np.ndarray) -> np.ndarray:
+        """Ranking keys of one direction, shaped like ``S``."""
+        if direction == "i2t":
+            return scores_with_tail(self.s, cand, cand_scores, self.i2t.next_val)
+        return scores_with_tail_t(self.s, cand, cand_scores, self.t2i.next_val)
+
+
+def _two_way(scores: np.ndarray, k: int, col_sums: bool = False) -> _TwoWay:
+    """Checks ``k`` for both directions, then computes a :class:`_TwoWay` (``Sᵀ`` is never copied)."""
+    s = np.asarray(scores)
+    _check_k(k, s, "i2t")
+    _check_k(k, s.T, "t2i")
+    n = s.shape[0]
+    i2t = row_topk(s, k)
+    queries = np.repeat(np.arange(n), k)
+    t2i, back, sums = col_topk_positions(s, k, queries, i2t.idx.ravel(), i2t.vals.ravel(), col_sums)
+    return _TwoWay(s, i2t, t2i, back.reshape(n, k), sums)
+
+
+def _back_positions(
+    mt: np.ndarray, cand: np.ndarray, vals: np.ndarray | None = None, group: np.ndarray | None = None
+) -> np.ndarray:
+    """(n, k) position of each query in the descending order of each of its candidates.
+
+    Args:
+        mt: (C, n) transposed scores: row c is candidate c's scores over all n queries.
+        cand: (n, k) candidates of each query.
+        vals: (n, k) their scores, if at hand.
+        group: optional (n, g) query groups whose best position is used.
+    """
+    n, k = cand.shape
+    if group is None:
+        queries = np.repeat(np.arange(n), k)
+        flat_vals = None if vals is None else vals.ravel()
+        return row_positions(mt, cand.ravel(), queries, flat_vals).reshape(n, k)
+    g = group.shape[1]
+    rows = np.repeat(group, k, axis=0).ravel()  # every (q, c) pair × g group members
+    cols = np.repeat(cand.ravel(), g)
+    return row_positions(mt, cols, rows).reshape(-1, g).min(axis=1).reshape(n, k)
+
+
+def _reverse_perm(back: np.ndarray, tie_order: str) -> np.ndarray:
+    """(n, k) order of each row's candidates by ascending reverse position."""
+    if tie_order == "stable":
+        return np.argsort(back, axis=1, kind="stable")
+    return np.argsort(back.astype(np.float64), axis=1)  # the reference: float64, default kind
 
 
 # --- reverse-rank (Wang et al., MTFN-RR; GaLR's i2t_rerank / t2i_rerank) ----------------------
@@ -182,42 +259,28 @@ def reverse_rank_one_way(
         ``(cand, perm)``: (n, k) forward top-k, and (n, k) indices into it giving the new order.
     """
     if cand is None:
-        cand, _ = topk_desc(m, k)
-    if group is None:
-        back = reverse_positions(m, np.repeat(np.arange(m.shape[0]), k), cand.ravel())
-    else:
-        g = group.shape[1]
-        rows = np.repeat(group, k, axis=0).ravel()  # every (q, c) pair × g group members
-        cols = np.repeat(cand.ravel(), g)
-        back = reverse_positions(m, rows, cols).reshape(-1, g).min(axis=1)
-    back = back.reshape(cand.shape)
-    if tie_order == "stable":
-        perm = np.argsort(back, axis=1, kind="stable")
-    else:  # the reference sorts a float64 array of positions with the default kind
-        perm = np.argsort(back.astype(np.float64), axis=1)
-    return cand, perm
+        cand = row_topk(m, k).idx
+    back = _back_positions(np.ascontiguousarray(m.T), cand, group=group)
+    return cand, _reverse_perm(back, tie_order)
 
 
 @register_reranker("reverse-rank", ReverseRankParams)
 def reverse_rank(scores: np.ndarray, p: ReverseRankParams) -> Reranked:
     """Reverse-rank rerank (MTFN-RR, reference-notes §3.1): permute each query's top-k."""
-
-    def one_way(m: np.ndarray, direction: str) -> np.ndarray:
-        _check_k(p.k, m, direction)
-        group = None
-        if direction == "t2i" and p.t2i_group_min:
-            # m = Sᵀ: its rows are captions; column (image) order over all captions.
-            # A caption's group is every caption of its image; here m's columns are images, and the
-            # reverse list of an image runs over captions, so groups index m's rows.
-            cpi = p.captions_per_image
-            base = (np.arange(m.shape[0]) // cpi) * cpi
-            group = base[:, None] + np.arange(cpi)[None, :]
-        cand, perm = reverse_rank_one_way(m, p.k, group, p.tie_order)
-        cand = np.take_along_axis(cand, perm, 1)
+    tw = _two_way(scores, p.k)
+    group = None
+    if p.t2i_group_min:
+        # The t2i queries are captions, and the reverse list of an image runs over captions;
+        # a caption's group is every caption of its image.
+        cpi = p.captions_per_image
+        base = (np.arange(tw.s.shape[1]) // cpi) * cpi
+        group = base[:, None] + np.arange(cpi)[None, :]
+    out = []
+    for direction, top, back in (("i2t", tw.i2t, tw.back_i2t), ("t2i", tw.t2i, tw.back_t2i(group))):
+        cand = np.take_along_axis(top.idx, _reverse_perm(back, p.tie_order), 1)
         new = np.broadcast_to(np.arange(p.k, 0, -1, dtype=np.float64), cand.shape)
-        return scores_with_tail(m, cand, new)
-
-    return _both_directions(scores, one_way)
+        out.append(tw.keys(direction, cand, new))
+    return Reranked(*out)
 
 
 # --- MR: GaLR's multivariate rerank (i2t_rerank_optim / t2i_rerank_optim) -------------------
@@ -263,44 +326,68 @@ def mr_reference_matrix(
     return out
 
 
-def mr_candidate_scores(
-    m: np.ndarray, k: int, wp1: float, wp2: float, tie_order: str = "reference"
-) -> tuple[np.ndarray, np.ndarray]:
-    """MR's top-K candidates (K = max(10, k)) and their float32 scores, see
-    :func:`mr_reference_matrix`."""
-    kk = max(10, k)
-    m64 = np.asarray(m, dtype=np.float64)
-    cand, _ = topk_desc(m64, kk)
-    # Column sums of the whole matrix with pairwise summation over contiguous memory, as
-    # np.sum(sim[:, c]) does in the reference.
-    col_sum = np.ascontiguousarray(m64.T).sum(axis=1)
+def _row_sums64(a: np.ndarray) -> np.ndarray:
+    """(R,) float64 row sums, pairwise over each contiguous float64 row (as ``np.sum(sim[:, c])``
+    sums a column in the reference)."""
+    out = np.empty(a.shape[0])
+    per = max(1, 2**21 // max(a.shape[1], 1))  # rows per float64 working block (16 MiB)
+    for s in range(0, a.shape[0], per):
+        out[s : s + per] = np.ascontiguousarray(a[s : s + per], dtype=np.float64).sum(axis=1)
+    return out
+
+
+def _mr_scores(
+    vals: np.ndarray, den: np.ndarray, back: np.ndarray, wp1: float, wp2: float, tie_order: str
+) -> np.ndarray:
+    """(n, K) float32 MR scores of the forward top-K, see :func:`mr_reference_matrix`.
+
+    Args:
+        vals: (n, K) candidate scores, descending.
+        den: (n, K) float64 column sums of the candidates.
+        back: (n, K) reverse positions of the candidates.
+    """
+    kk = vals.shape[1]
+    num = vals.astype(np.float64)
     # The reference divides by a raw column sum; a zero sum (possible with signed scores) would
     # give inf/NaN there. Here it contributes a zero saliency instead.
-    den = col_sum[cand]
-    num = np.take_along_axis(m64, cand, 1)
     p1 = np.divide(num, den, out=np.zeros_like(num), where=den != 0)
     j = np.arange(kk, dtype=np.float64)
     p2 = np.exp(-0.05 * (j + 1.0))
     acc = (wp1 * p1).astype(np.float32)
     acc = (acc.astype(np.float64) + p2[None, :]).astype(np.float32)
-    _, perm = reverse_rank_one_way(m64, kk, tie_order=tie_order, cand=cand)
+    perm = _reverse_perm(back, tie_order)
     new_pos = np.empty_like(perm)  # j' of each forward candidate
     np.put_along_axis(new_pos, perm, np.arange(kk)[None, :], 1)
     p3 = wp2 * np.exp(-0.05 * (new_pos.astype(np.float64) + 1.0))
-    acc = (acc.astype(np.float64) + p3).astype(np.float32)
-    return cand, acc
+    return (acc.astype(np.float64) + p3).astype(np.float32)
+
+
+def mr_candidate_scores(
+    m: np.ndarray, k: int, wp1: float, wp2: float, tie_order: str = "reference"
+) -> tuple[np.ndarray, np.ndarray]:
+    """MR's top-K candidates (K = max(10, k)) and their float32 scores, see
+    :func:`mr_reference_matrix`."""
+    top = row_topk(m, max(10, k))
+    mt = np.ascontiguousarray(m.T)
+    # Column sums of the whole matrix with pairwise summation over contiguous float64 memory,
+    # as np.sum(sim[:, c]) does in the reference.
+    den = _row_sums64(mt)[top.idx]
+    back = _back_positions(mt, top.idx, top.vals)
+    return top.idx, _mr_scores(top.vals, den, back, wp1, wp2, tie_order)
 
 
 @register_reranker("mr", MRParams)
 def mr(scores: np.ndarray, p: MRParams) -> Reranked:
     """GaLR multivariate rerank (reference-notes §3.2); non-candidates stay below in order."""
-
-    def one_way(m: np.ndarray, direction: str) -> np.ndarray:
-        _check_k(max(10, p.k), m, direction)
-        cand, acc = mr_candidate_scores(m, p.k, p.wp1, p.wp2, p.tie_order)
-        return scores_with_tail(m, cand, acc.astype(np.float64))
-
-    return _both_directions(scores, one_way)
+    tw = _two_way(scores, max(10, p.k), col_sums=True)
+    out = []
+    for direction, top, back, sums in (
+        ("i2t", tw.i2t, tw.back_i2t, tw.col_sums),
+        ("t2i", tw.t2i, tw.back_t2i(), _row_sums64(tw.s)),  # t2i's columns are S's rows
+    ):
+        acc = _mr_scores(top.vals, sums[top.idx], back, p.wp1, p.wp2, p.tie_order)  # type: ignore[index]
+        out.append(tw.keys(direction, top.idx, acc.astype(np.float64)))
+    return Reranked(*out)
 
 
 # --- SMR: CMPAGL's similarity matrix reweighting (Eq. 10–16) ---------------------------------
@@ -326,6 +413,21 @@ class SMRTerms:
     ratio: np.ndarray  # (n, k) S/max_row + S/max_col
 
 
+def _smr_terms(top: TopK, back: np.ndarray, col_max: np.ndarray) -> SMRTerms:
+    """SMR terms from the top-k, their 0-based reverse positions and their columns' maxima."""
+    n, k = top.idx.shape
+    j = np.arange(1, k + 1, dtype=np.float64)
+    forward = np.broadcast_to(1.0 - j / k, top.idx.shape)
+    backward = 1.0 - (back + 1) / n
+    row_max = top.vals[:, :1].astype(np.float64)
+    col_max = col_max.astype(np.float64)
+    s64 = top.vals.astype(np.float64)
+    ratio = np.divide(s64, row_max, out=np.zeros_like(s64), where=row_max != 0) + np.divide(
+        s64, col_max, out=np.zeros_like(s64), where=col_max != 0
+    )
+    return SMRTerms(top.idx, s64, forward, backward, ratio)
+
+
 def smr_terms(m: np.ndarray, k: int) -> SMRTerms:
     """Compute SMR's ranking and extreme-difference-ratio terms (Eq. 10–14) for rows of ``m``.
 
@@ -334,19 +436,22 @@ def smr_terms(m: np.ndarray, k: int) -> SMRTerms:
     forward = 1 − j/k, backward = 1 − r/Nq, ratio = S[q,c]/max_c′ S[q,c′] + S[q,c]/max_q′ S[q′,c].
     A zero maximum contributes a zero ratio.
     """
-    n = m.shape[0]
-    cand, s = topk_desc(m, k)
-    j = np.arange(1, k + 1, dtype=np.float64)
-    forward = np.broadcast_to(1.0 - j / k, cand.shape)
-    r = reverse_positions(m, np.repeat(np.arange(n), k), cand.ravel()).reshape(cand.shape) + 1
-    backward = 1.0 - r / n
-    row_max = s[:, :1].astype(np.float64)
-    col_max = m.max(axis=0).astype(np.float64)[cand]
-    s64 = s.astype(np.float64)
-    ratio = np.divide(s64, row_max, out=np.zeros_like(s64), where=row_max != 0) + np.divide(
-        s64, col_max, out=np.zeros_like(s64), where=col_max != 0
-    )
-    return SMRTerms(cand, s64, forward, backward, ratio)
+    top = row_topk(m, k)
+    mt = np.ascontiguousarray(m.T)
+    back = _back_positions(mt, top.idx, top.vals)
+    return _smr_terms(top, back, mt.max(axis=1)[top.idx])
+
+
+def _smr_both(tw: _TwoWay) -> tuple[SMRTerms, SMRTerms]:
+    # The maximum of an i2t candidate's column is that caption's top t2i score, and back.
+    i2t = _smr_terms(tw.i2t, tw.back_i2t, tw.t2i.row_max[tw.i2t.idx])
+    t2i = _smr_terms(tw.t2i, tw.back_t2i(), tw.i2t.row_max[tw.t2i.idx])
+    return i2t, t2i
+
+
+def smr_terms_both(scores: np.ndarray, k: int) -> tuple[SMRTerms, SMRTerms]:
+    """``(smr_terms(S, k), smr_terms(Sᵀ, k))``, sharing the work between the two directions."""
+    return _smr_both(_two_way(scores, k))
 
 
 def smr_combine(t: SMRTerms, gamma1: float, gamma2: float) -> np.ndarray:
@@ -357,13 +462,12 @@ def smr_combine(t: SMRTerms, gamma1: float, gamma2: float) -> np.ndarray:
 @register_reranker("smr", SMRParams)
 def smr(scores: np.ndarray, p: SMRParams) -> Reranked:
     """CMPAGL similarity matrix reweighting rerank (Eq. 10–16)."""
-
-    def one_way(m: np.ndarray, direction: str) -> np.ndarray:
-        _check_k(p.k, m, direction)
-        t = smr_terms(m, p.k)
-        return scores_with_tail(m, t.cand, smr_combine(t, p.gamma1, p.gamma2))
-
-    return _both_directions(scores, one_way)
+    tw = _two_way(scores, p.k)
+    ti, tt = _smr_both(tw)
+    return Reranked(
+        tw.keys("i2t", ti.cand, smr_combine(ti, p.gamma1, p.gamma2)),
+        tw.keys("t2i", tt.cand, smr_combine(tt, p.gamma1, p.gamma2)),
+    )
 
 
 # --- inverted softmax (Smith et al. 2017; dual-softmax / query-bank normalisation family) ---
@@ -385,10 +489,39 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     return mx + np.log(np.exp(x - mx).sum(axis=axis, keepdims=True))
 
 
+_SOFTMAX_ELEMS = 2**18  # elements per row block: its temporaries stay in cache
+
+
 @register_reranker("inverted-softmax", InvertedSoftmaxParams)
 def inverted_softmax(scores: np.ndarray, p: InvertedSoftmaxParams) -> Reranked:
     """Inverted softmax: i2t = S/τ − logsumexp over images (per caption column); t2i = S/τ −
     logsumexp over captions (per image row). Each candidate is normalised by how strongly it
-    matches every other query."""
-    z = np.asarray(scores, dtype=np.float64) / p.temperature
-    return Reranked(z - _logsumexp(z, axis=0), z - _logsumexp(z, axis=1))
+    matches every other query.
+
+    Computed in row blocks, bit for bit as ``z − logsumexp(z, axis)`` on the whole of
+    ``z = S/τ`` in float64: row reductions are per row, and the column sums add the rows in
+    order, as NumPy's reduction over axis 0 of a C-ordered matrix does.
+    """
+    n, c = scores.shape
+    # With a single column NumPy would sum pairwise instead: keep one block there.
+    rows_per = n if c < 2 else max(1, _SOFTMAX_ELEMS // c)
+    i2t = np.empty((n, c))  # z until the column normalisers are known
+    t2i = np.empty((n, c))
+    col_max = np.full(c, -np.inf)
+    for s in range(0, n, rows_per):
+        z = np.divide(scores[s : s + rows_per], p.temperature, out=i2t[s : s + rows_per], dtype=np.float64)
+        np.maximum(col_max, z.max(axis=0), out=col_max)
+        np.subtract(z, _logsumexp(z, axis=1), out=t2i[s : s + rows_per])
+    buf = np.empty((min(rows_per, n) + 1, c))  # row 0 carries the running column sums
+    col_sum = None
+    for s in range(0, n, rows_per):
+        z = i2t[s : s + rows_per]
+        e = buf[1 : z.shape[0] + 1]
+        np.exp(np.subtract(z, col_max, out=e), out=e)
+        if col_sum is None:
+            col_sum = e.sum(axis=0)
+        else:
+            buf[0] = col_sum
+            col_sum = buf[: z.shape[0] + 1].sum(axis=0)
+    i2t -= col_max + np.log(col_sum)  # type: ignore[arg-type]
+    return Reranked(i2t, t2i)

@@ -22,7 +22,7 @@ from rsitr.retrieval.rerank import (
     SMRParams,
     rerank,
     smr_combine,
-    smr_terms,
+    smr_terms_both,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ def _grid_smr(
         return
     c2i = rel.caption_to_image
     has_caps = rel.captions_per_image > 0
-    ti = smr_terms(scores, k)
-    tt = smr_terms(scores.T, k)
+    ti, tt = smr_terms_both(scores, k)
     rel_i = c2i[ti.cand] == np.arange(scores.shape[0])[:, None]
     rel_t = tt.cand == c2i[:, None]
     for a, b in itertools.product(g1, g2):
