@@ -384,7 +384,7 @@ class RDB(RetrievalMethod):
         terms: dict[str, Tensor] = {"itc": multi_positive_infonce(sim * scale, pos)}
         if cfg.triplet:
             terms["itc"] = terms["itc"] + hinge_triplet(sim, pos, cfg.margin, "all")
-        if self.classifier is not None:
+        if self.classifier is not None and "scene" in batch:
             scene = batch["scene"]  # the scene of each pair's image; -1 where unlabelled (ignored)
             known = scene >= 0
             if known.any():
