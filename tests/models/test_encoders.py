@@ -91,7 +91,9 @@ def test_missing_weights_path_is_one_line(tmp_path: Path) -> None:
         with pytest.raises(MissingDependencyError) as err:
             make(spec)
         assert "\n" not in str(err.value) and "not found" in str(err.value)
-    assert str(missing) in str(pytest.raises(MissingDependencyError, create_image_encoder, f"resnet18@{missing}").value)
+    assert str(missing) in str(
+        pytest.raises(MissingDependencyError, create_image_encoder, f"resnet18@{missing}").value
+    )
 
 
 # --- efficientnet-lite0 -------------------------------------------------------------------------
@@ -122,7 +124,9 @@ def test_lite0_predicts_imagenet_classes_on_a_real_photo() -> None:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     effnet.load_lite0_weights(model, effnet.wheel_weights_path())
     names = ["port_1.jpg", "beach_1.jpg"]
-    x = np.stack([np.asarray(Image.open(img_dir / n).convert("RGB").resize((224, 224), Image.BICUBIC)) for n in names])
+    x = np.stack(
+        [np.asarray(Image.open(img_dir / n).convert("RGB").resize((224, 224), Image.BICUBIC)) for n in names]
+    )
     x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
     with torch.no_grad():
         top5 = model(x).topk(5).indices
@@ -143,7 +147,11 @@ def test_lite0_shapes_both_pools(lite0) -> None:
     assert lite0.num_features == 2048 and multi.pooled.shape == (2, 2048)
     assert torch.allclose(multi.pooled[:, -1280:], out.pooled, atol=1e-5)  # head GAP comes last
     assert [m.shape[1] for m in out.maps] == [f["num_chs"] for f in head.feature_info] == [24, 40, 112, 320]
-    assert [224 // m.shape[-1] for m in out.maps] == [f["reduction"] for f in head.feature_info] == [4, 8, 16, 32]
+    assert (
+        [224 // m.shape[-1] for m in out.maps]
+        == [f["reduction"] for f in head.feature_info]
+        == [4, 8, 16, 32]
+    )
     assert out.tokens.shape == (2, 49, 1280) and head.token_dim == 1280
     assert out.mask.shape == (2, 49) and out.mask.all()
 
@@ -204,7 +212,11 @@ def test_minilm_shapes_mask_and_mean_pool(minilm) -> None:
 def test_minilm_paraphrases_are_closer(minilm) -> None:
     with torch.no_grad():
         p = minilm.encode(
-            ["many planes are parked at the airport", "several aircraft stand near the terminal", "a dense green forest"]
+            [
+                "many planes are parked at the airport",
+                "several aircraft stand near the terminal",
+                "a dense green forest",
+            ]
         ).pooled
     p = torch.nn.functional.normalize(p, dim=-1)
     assert p[0] @ p[1] > p[0] @ p[2] + 0.2
@@ -237,7 +249,9 @@ def test_resnet18_from_local_weights(tmp_path: Path) -> None:
         create_image_encoder(f"resnet50@{path}")
 
 
-def test_timm_offline_fallback_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_timm_offline_fallback_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     real = timm.create_model
 
     def offline(name: str, pretrained: bool = False, **kw: object) -> torch.nn.Module:
@@ -269,8 +283,23 @@ def test_transformer_backbones_random(name: str, taps: list[int]) -> None:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BertModel]:
     folder = tmp_path_factory.mktemp("tiny-bert")
-    words = ["a", "an", "the", "plane", "planes", "airport", "river", "forest", "many", "are", "near", "parked"]
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    words = [
+        "a",
+        "an",
+        "the",
+        "plane",
+        "planes",
+        "airport",
+        "river",
+        "forest",
+        "many",
+        "are",
+        "near",
+        "parked",
+    ]
+    (folder / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n"
+    )
     tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -289,16 +318,22 @@ def test_hf_local_folder_matches_transformers(tiny_bert: tuple[Path, BertModel])
     with torch.no_grad():
         out = enc(**batch)
         expect = ref(**batch).last_hidden_state
-    assert torch.allclose(out.tokens, expect, atol=1e-6) and torch.allclose(out.pooled, expect[:, 0], atol=1e-6)
+    assert torch.allclose(out.tokens, expect, atol=1e-6) and torch.allclose(
+        out.pooled, expect[:, 0], atol=1e-6
+    )
     assert enc.num_features == enc.token_dim == 32 and enc.num_layers == 2 and len(enc.layers) == 2
     mean = create_text_encoder(f"hf:{folder}", pool="mean", max_length=12)
     with torch.no_grad():
-        assert torch.allclose(mean(**batch).pooled, masked_mean(expect, batch["attention_mask"].bool()), atol=1e-6)
+        assert torch.allclose(
+            mean(**batch).pooled, masked_mean(expect, batch["attention_mask"].bool()), atol=1e-6
+        )
     assert enc.identity()["weights"]["kind"] == "file" and enc.identity()["pool"] == "cls"
 
 
 def test_hf_offline_errors(tmp_path: Path) -> None:
-    with pytest.raises(MissingDependencyError, match="not available offline; download it or pass a local path"):
+    with pytest.raises(
+        MissingDependencyError, match="not available offline; download it or pass a local path"
+    ):
         create_text_encoder("hf:rsitr-tests/not-a-cached-model")
     with pytest.raises(DataError, match="not a transformers model folder"):
         create_text_encoder(f"hf:{tmp_path}")
@@ -319,7 +354,9 @@ def _tiny_clip(tmp_path: Path, cfg: dict, stem: str) -> tuple[str, torch.nn.Modu
     (tmp_path / f"{stem}.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
     ref = open_clip.CLIP(**cfg).eval()
-    ckpt = tmp_path / f"{stem}.pt"  # GeoRSCLIP-style: plain state dict, here wrapped and DataParallel-prefixed
+    ckpt = (
+        tmp_path / f"{stem}.pt"
+    )  # GeoRSCLIP-style: plain state dict, here wrapped and DataParallel-prefixed
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, ckpt)
     return f"clip:{tmp_path / stem}.json@{ckpt}", ref
 
@@ -339,7 +376,9 @@ def test_clip_vit_towers_match_open_clip(tmp_path: Path) -> None:
     assert torch.allclose(out.tokens, ref_tokens, atol=1e-5) and out.tokens.shape == (2, 16, 64)
     assert img.num_features == 32 and img.token_dim == 64 and img.image_size == 64
     assert img.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
-    assert [f["reduction"] for f in img.feature_info] == [16] * 4 and [m.shape for m in out.maps] == [(2, 64, 4, 4)] * 4
+    assert [f["reduction"] for f in img.feature_info] == [16] * 4 and [m.shape for m in out.maps] == [
+        (2, 64, 4, 4)
+    ] * 4
     assert batch["input_ids"].shape == (2, 77) and txt.max_length == 77
     assert batch["attention_mask"].sum(1).tolist() == [10, 4]  # SOT, 7 words, "!", EOT
     assert tout.tokens.shape == (2, 77, 64) and txt.num_features == 32 and txt.token_dim == 64

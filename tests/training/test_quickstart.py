@@ -11,7 +11,9 @@ from rsitr.cli import quickstart as qs
 from rsitr.cli import run
 
 
-def test_quickstart_fallback_runs_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_quickstart_fallback_runs_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     monkeypatch.setattr(qs, "offline_stack_available", lambda: False)
     out = tmp_path / "qs"
     assert run(["quickstart", "--out", str(out), "--n", "40", "--epochs", "1"]) == 0

@@ -17,10 +17,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rsitr.errors import ConfigError
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder
 
 Features = dict[str, Tensor]
 GatherFn = Callable[[Tensor], Tensor]
+
+
+def merge_preset(values: dict[str, Any], presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``values`` over the settings of its ``preset`` (explicit keys win); no preset: unchanged.
+
+    Raises:
+        ConfigError: an unknown preset name.
+    """
+    preset = values.get("preset")
+    if preset is None:
+        return values
+    if preset not in presets:
+        raise ConfigError(f"model.preset: {preset!r} is not one of {', '.join(presets)}")
+    return {**presets[preset], **values}
 
 
 def identity_gather(x: Tensor) -> Tensor:

@@ -57,7 +57,7 @@ from rsitr.losses.contrastive import LearnableTemperature, positives_from_ids, q
 from rsitr.losses.triplet import optimized_triplet
 from rsitr.models.ema import MeanTeacher
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
-from rsitr.models.methods.base import Features, RetrievalMethod
+from rsitr.models.methods.base import Features, RetrievalMethod, merge_preset
 from rsitr.models.registry import register_method
 
 _logger = logging.getLogger(__name__)
@@ -135,13 +135,8 @@ class CMPAGLConfig:
     @classmethod
     def resolve(cls, values: dict[str, Any]) -> dict[str, Any]:
         """Merge ``values`` over its ``preset``'s settings (image encoder options are merged too)."""
-        preset = values.get("preset")
-        if preset is None:
-            return values
-        if preset not in PRESETS:
-            raise ConfigError(f"model.preset: {preset!r} is not one of {', '.join(PRESETS)}")
-        base = PRESETS[preset]
-        merged = {**base, **values}
+        merged = merge_preset(values, PRESETS)
+        base = PRESETS.get(values.get("preset") or "", {})
         if "image_encoder_kwargs" in base:
             merged["image_encoder_kwargs"] = {
                 **base["image_encoder_kwargs"],

@@ -39,7 +39,7 @@ from rsitr.models.adapters.bottleneck import BottleneckAdapter
 from rsitr.models.adapters.towers import AdaptedTower, adapted_tower
 from rsitr.models.ema import MeanTeacher
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder
-from rsitr.models.methods.base import Features, RetrievalMethod
+from rsitr.models.methods.base import Features, RetrievalMethod, merge_preset
 from rsitr.models.methods.dual import projection_head
 from rsitr.models.registry import register_method
 
@@ -197,12 +197,7 @@ class RDBConfig:
     @classmethod
     def resolve(cls, values: dict[str, Any]) -> dict[str, Any]:
         """Merge ``values`` over its ``preset``'s settings (unknown presets raise)."""
-        preset = values.get("preset")
-        if preset is None:
-            return values
-        if preset not in PRESETS:
-            raise ConfigError(f"model.preset: {preset!r} is not one of {', '.join(PRESETS)}")
-        return {**PRESETS[preset], **values}
+        return merge_preset(values, PRESETS)
 
     def __post_init__(self) -> None:
         choices = {
