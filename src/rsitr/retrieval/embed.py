@@ -133,6 +133,23 @@ def text_features(
     return out
 
 
+def first_caption_features(
+    method: Any,
+    corpus: RetrievalCorpus,
+    images: list[int] | np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Frozen-part features of ``images`` (corpus indices) and of each one's first caption (lowest
+    caption index), both moved to ``device``: the paired inputs of the methods' report figures."""
+    images = [int(i) for i in images]
+    img, _ = image_features(method, corpus.subset(images), batch_size=batch_size, device=device)
+    caps = [corpus.captions[min(corpus.image_captions[i])] for i in images]
+    txt = text_features(method, caps, device=device)
+    return {k: v.to(device) for k, v in img.items()}, {k: v.to(device) for k, v in txt.items()}
+
+
 def _storage(method: Any, v: Tensor) -> Tensor:
     """A feature as stored: floating ones in the method's ``cache_dtype``; masks and indices as is."""
     if v.is_floating_point():

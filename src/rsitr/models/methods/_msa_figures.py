@@ -103,20 +103,14 @@ def write_figures(
     Returns:
         The PNG paths written.
     """
-    from rsitr.retrieval.embed import image_features, text_features
+    from rsitr.retrieval.embed import first_caption_features, image_features, text_features
 
     folder.mkdir(parents=True, exist_ok=True)
     method.eval()
-    c2i = corpus.caption_to_image()
     k = min(num_images, corpus.num_images)
-    first = [int(np.flatnonzero(c2i == i)[0]) for i in range(k)]
-    sub = corpus.subset(list(range(k)))
-    img_feats, _ = image_features(method, sub, batch_size=batch_size, device=device)
-    img_feats = {n: v.to(device) for n, v in img_feats.items()}
-    txt_feats = {
-        n: v.to(device)
-        for n, v in text_features(method, [corpus.captions[c] for c in first], device=device).items()
-    }
+    img_feats, txt_feats = first_caption_features(
+        method, corpus, range(k), batch_size=batch_size, device=device
+    )
     scales = method.scale_features(img_feats)
     cls = method.embed_text(txt_feats)
     tok, mask = method.text_tokens(txt_feats)
@@ -146,7 +140,7 @@ def write_figures(
 
     if len(method.mscmat):
         ci = min(caption, corpus.num_captions - 1)
-        ii = int(c2i[ci])
+        ii = int(corpus.caption_to_image()[ci])
         one = corpus.subset([ii])
         f_img, _ = image_features(method, one, batch_size=1, device=device)
         f_img = {n: v.to(device) for n, v in f_img.items()}

@@ -69,20 +69,14 @@ def write_embedding_plot(
     Returns:
         The files written (none when the corpus has fewer than two labelled scenes).
     """
-    from rsitr.retrieval.embed import image_features, text_features
+    from rsitr.retrieval.embed import first_caption_features
 
     scenes = np.asarray(corpus.scene_ids())
     keep = np.flatnonzero(scenes >= 0)[:num_images]
     if len(keep) < 3 or len(np.unique(scenes[keep])) < 2:
         return []
-    c2i = corpus.caption_to_image()
-    first = [int(np.flatnonzero(c2i == i)[0]) for i in keep]
-    sub = corpus.subset(keep.tolist())
     method.eval()
-    img_feats, _ = image_features(method, sub, batch_size=batch_size, device=device)
-    txt_feats = text_features(method, [corpus.captions[c] for c in first], device=device)
-    img_feats = {k: v.to(device) for k, v in img_feats.items()}
-    txt_feats = {k: v.to(device) for k, v in txt_feats.items()}
+    img_feats, txt_feats = first_caption_features(method, corpus, keep, batch_size=batch_size, device=device)
     from rsitr.models.methods.rdb import _as_float
 
     before = (
