@@ -223,20 +223,23 @@ def test_uncertainty_weights_get_gradients_and_stay_clamped() -> None:
     opt.step()
     w.clamp_()
     assert w.log_vars.abs().max() <= 1.0
-    assert torch.allclose(w.weights(torch.ones(3)), torch.exp(-w.log_vars.detach()))
+    current = w.weights({n: torch.ones(()) for n in w.names})
+    assert torch.allclose(torch.stack(list(current.values())), torch.exp(-w.log_vars.detach()))
 
 
 def test_other_weightings() -> None:
     terms = {"itc": torch.tensor(2.0), "cls": torch.tensor(0.5), "ema": torch.tensor(1.0)}
     ratio = LossWeighting(["itc", "cls", "ema"], "ratio")
     assert float(ratio(terms)) == pytest.approx(3.0 * 3 / (0.5 + 2.0 + 1.0))  # each term weighs the same
+    two = {"itc": torch.tensor(2.0), "cls": torch.tensor(0.5)}  # an absent term takes no share
+    assert float(ratio(two)) == pytest.approx(2.0 * 2 / (0.5 + 2.0))
     fixed = LossWeighting(["itc", "cls", "ema"], "fixed", fixed=[1.0, 0.5, 1.0])
     assert float(fixed(terms, {"ema": 0.5})) == pytest.approx(2.0 + 0.25 + 0.5)
     dwa = LossWeighting(["itc", "cls", "ema"], "dwa")
     for losses in ((2.0, 1.0, 1.0), (1.0, 1.0, 1.0)):
         dwa({k: torch.tensor(v) for k, v in zip(terms, losses, strict=True)})
         dwa.end_epoch()
-    w = dwa.weights(torch.ones(3))
+    w = torch.stack(list(dwa.weights({n: torch.ones(()) for n in dwa.names}).values()))
     assert w[0] < w[1] and float(w.sum()) == pytest.approx(3.0)  # the fast-falling term gets less
 
 

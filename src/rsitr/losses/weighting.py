@@ -60,19 +60,26 @@ class LossWeighting(nn.Module):
         self.register_buffer("epoch_count", torch.zeros(()))
         self.register_buffer("history", torch.full((2, k), float("nan")))
 
-    def weights(self, losses: Tensor) -> Tensor:
-        """The current multiplicative weights (detached) for the stacked losses (K,)."""
+    def weights(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The current multiplicative weight (detached) of each term present in ``terms``.
+
+        ``ratio`` normalises over the present terms only, so an absent term takes no share.
+        """
+        present = [n for n in self.names if n in terms]
+        idx = [self.names.index(n) for n in present]
         if self.mode == "uncertainty":
-            return torch.exp(-self.log_vars.detach().clamp(-self.clamp, self.clamp))
-        if self.mode == "ratio":
-            inv = 1.0 / losses.detach().clamp_min(1e-8)
-            return len(self.names) * inv / inv.sum()
-        if self.mode == "dwa":
-            if torch.isnan(self.history).any():
-                return torch.ones_like(self.fixed)
+            w = torch.exp(-self.log_vars.detach().clamp(-self.clamp, self.clamp))[idx]
+        elif self.mode == "ratio":
+            inv = 1.0 / torch.stack([terms[n].detach() for n in present]).clamp_min(1e-8)
+            w = len(present) * inv / inv.sum()
+        elif self.mode == "dwa" and not torch.isnan(self.history).any():
             rho = self.history[1] / self.history[0].clamp_min(1e-8)
-            return len(self.names) * torch.softmax(rho / self.temperature, 0)
-        return self.fixed
+            w = (len(self.names) * torch.softmax(rho / self.temperature, 0))[idx]
+        elif self.mode == "dwa":
+            w = torch.ones(len(idx), device=self.fixed.device)
+        else:
+            w = self.fixed[idx]
+        return dict(zip(present, w, strict=True))
 
     def forward(self, terms: dict[str, Tensor], ramps: dict[str, float] | None = None) -> Tensor:
         """``Σ_k r_k·w_k·L_k`` (plus ``r_k·s_k`` for ``uncertainty``) over the present terms."""
@@ -87,10 +94,8 @@ class LossWeighting(nn.Module):
         if self.mode == "uncertainty":
             s = self.log_vars[idx].clamp(-self.clamp, self.clamp)
             return (r * (torch.exp(-s) * losses + s)).sum()
-        w = self.weights(
-            torch.zeros(len(self.names), device=losses.device).index_copy(0, idx, losses.detach())
-        )
-        return (r * w[idx] * losses).sum()
+        w = torch.stack(list(self.weights(terms).values()))
+        return (r * w * losses).sum()
 
     @torch.no_grad()
     def end_epoch(self) -> None:
