@@ -27,6 +27,14 @@ def test_relations_and_counts() -> None:
     assert ids.dtype == np.int64 and ids.tolist() == [0, 0, 2]
 
 
+def test_caption_text_ids_match_word_for_word_duplicates() -> None:
+    c = make_corpus([["Many  buildings.", "a road"], ["many buildings", "a river"], ["A road ."]])
+    ids = c.caption_text_ids()
+    assert ids.dtype == np.int64
+    assert ids[0] == ids[2] and ids[1] == ids[4]  # case, spacing and the full stop do not matter
+    assert len(set(ids.tolist())) == 3
+
+
 def test_validation_rejects_inconsistent_indices() -> None:
     with pytest.raises(DataError, match=r"toy \[image_captions\]: image_captions must assign every caption"):
         RetrievalCorpus(

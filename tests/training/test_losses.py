@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rsitr.losses import hinge_triplet, multi_positive_infonce, positives_from_ids
+from rsitr.losses.contrastive import batch_positives
 
 
 def test_infonce_equals_clip_loss_with_unique_ids() -> None:
@@ -24,6 +25,16 @@ def test_duplicate_images_are_positives_not_negatives() -> None:
     more = base.clone()
     more[0, 1] = more[1, 0] = 5.0
     assert multi_positive_infonce(more, pos) < multi_positive_infonce(base, pos)
+
+
+def test_batch_positives_add_duplicate_captions_only_when_asked() -> None:
+    # Pairs 0 and 2 are different images whose captions are word for word the same text.
+    batch = {"image_id": torch.tensor([0, 0, 1, 2]), "text_id": torch.tensor([5, 6, 5, 7])}
+    with_text = batch_positives(batch)
+    assert with_text[0, 2] and with_text[2, 0] and with_text[0, 1] and not with_text[0, 3]
+    only_image = batch_positives({"image_id": batch["image_id"]})
+    assert not only_image[0, 2] and only_image[0, 1]
+    assert torch.equal(batch_positives(batch, lambda x: x.flip(0)), with_text.flip(0, 1))
 
 
 def test_triplet_hardest_and_all() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,6 +17,21 @@ def positives_from_ids(img_ids: Tensor, txt_img_ids: Tensor | None = None) -> Te
     """
     txt_img_ids = img_ids if txt_img_ids is None else txt_img_ids
     return img_ids[:, None] == txt_img_ids[None, :]
+
+
+def batch_positives(batch: dict[str, Tensor], gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """(B, B) bool positives of a training batch: same ``image_id``, or, when the batch carries
+    ``text_id`` (``data.duplicate_captions: positive``), the same caption text word for word.
+
+    Args:
+        batch: holds ``image_id`` (B,) and optionally ``text_id`` (B,).
+        gather: applied to both id tensors first (the DDP all-gather), if given.
+    """
+    g = gather or (lambda x: x)
+    pos = positives_from_ids(g(batch["image_id"]))
+    if "text_id" in batch:
+        pos = pos | positives_from_ids(g(batch["text_id"]))
+    return pos
 
 
 def multi_positive_infonce(logits: Tensor, positives: Tensor) -> Tensor:

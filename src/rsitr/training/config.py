@@ -32,6 +32,10 @@ class DataConfig:
         image_size: model input size; None uses the image encoder's.
         on_error: what a corrupt image does: ``skip`` (and report) or ``fail``.
         max_train_images: optional cap (subsample) for quick runs; None uses all.
+        duplicate_captions: how a training caption that is word for word a caption of another
+            image in the batch counts in the losses: ``negative`` (the field's convention: only
+            the captions of the same image are positives) or ``positive`` (it describes this
+            image too, so it is not pushed away).
     """
 
     source: str = ""
@@ -46,6 +50,7 @@ class DataConfig:
     image_size: int | None = None
     on_error: Literal["skip", "fail"] = "skip"
     max_train_images: int | None = None
+    duplicate_captions: Literal["negative", "positive"] = "negative"
 
 
 @dataclass

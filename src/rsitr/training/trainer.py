@@ -279,7 +279,12 @@ class Trainer:
             "text_feats": {k: v[caps].to(self.device) for k, v in self.train_feats.text.items()},
             "image_id": img_ids.to(self.device),
             "scene": torch.as_tensor(self.scenes[img_ids.numpy()]).to(self.device),
+            **self._text_id(caps),
         }
+
+    def _text_id(self, caps: Tensor) -> dict[str, Tensor]:
+        """``{"text_id": …}`` (normalised caption text ids) under ``duplicate_captions: positive``."""
+        return {} if self.text_ids is None else {"text_id": self.text_ids[caps].to(self.device)}
 
     def _raw_loader(self, batches: list[list[Tensor]]) -> Any:
         """Image-loading iterator over this epoch's micro-batches (workers decode in parallel)."""
@@ -308,6 +313,7 @@ class Trainer:
             "attention_mask": tok["attention_mask"].to(self.device),
             "image_id": items["image_id"].to(self.device),
             "scene": items["scene"].to(self.device),
+            **self._text_id(torch.as_tensor(items["caption_id"])),
         }
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -371,6 +377,11 @@ class Trainer:
             raise ConfigError("cache.enabled=on needs frozen towers (model.freeze_image/freeze_text)")
         self.caption_to_image = self.train_corpus.caption_to_image()
         self.scenes = np.asarray(self.train_corpus.scene_ids(self.label_map), dtype=np.int64)
+        self.text_ids = (
+            torch.from_numpy(self.train_corpus.caption_text_ids())
+            if cfg.data.duplicate_captions == "positive"
+            else None
+        )
         t_feat = time.perf_counter()
         self.train_feats = self.val_feats = None
         if use_cache:

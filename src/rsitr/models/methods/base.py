@@ -115,7 +115,7 @@ class RetrievalMethod(nn.Module):
         """
         img = F.normalize(self.embed_image(self._image_feats(batch)), dim=-1)
         txt = F.normalize(self.embed_text(self._text_feats(batch)), dim=-1)
-        gathered = {k: self.gather(v) for k, v in batch.items() if k in ("image_id", "scene")}
+        gathered = {k: self.gather(v) for k, v in batch.items() if k in ("image_id", "scene", "text_id")}
         return self.losses(self.gather(img), self.gather(txt), {**batch, **gathered})
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from rsitr.errors import ConfigError
-from rsitr.losses.contrastive import LearnableTemperature, multi_positive_infonce, positives_from_ids
+from rsitr.losses.contrastive import LearnableTemperature, batch_positives, multi_positive_infonce
 from rsitr.losses.triplet import hinge_triplet
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder
 from rsitr.models.methods.base import Features, RetrievalMethod
@@ -141,7 +141,7 @@ class DualEncoder(RetrievalMethod):
     def losses(self, img: Tensor, txt: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``infonce_loss`` (multi-positive, Eq. of HarMA/PIR) and/or ``triplet_loss`` (VSE++)."""
         sim = img @ txt.T
-        pos = positives_from_ids(batch["image_id"])
+        pos = batch_positives(batch)
         out: dict[str, Tensor] = {}
         scale = self.logit_scale()
         if self.cfg.loss in ("infonce", "both"):

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from rsitr.errors import ConfigError
 from rsitr.losses.consistency import score_distribution_kl
-from rsitr.losses.contrastive import multi_positive_infonce, positives_from_ids
+from rsitr.losses.contrastive import batch_positives, multi_positive_infonce
 from rsitr.losses.triplet import hinge_triplet
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder
 from rsitr.models.methods.base import Features, RetrievalMethod
@@ -373,7 +373,7 @@ class MSA(RetrievalMethod):
         cls = self.embed_text(txt_feats)
         g = self.gather
         img_n, txt_n = g(F.normalize(img, dim=-1)), g(F.normalize(cls, dim=-1))
-        pos = positives_from_ids(g(batch["image_id"]))
+        pos = batch_positives(batch, g)
         out = {"triplet_loss": hinge_triplet(img_n @ txt_n.T, pos, self.cfg.margin, self.cfg.negatives)}
         if self.training and len(self.mscmat):
             m = self.scale_scores(scales, txt_feats, cls)

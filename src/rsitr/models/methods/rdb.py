@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsitr.errors import ConfigError
-from rsitr.losses.contrastive import LearnableTemperature, multi_positive_infonce, positives_from_ids
+from rsitr.losses.contrastive import LearnableTemperature, batch_positives, multi_positive_infonce
 from rsitr.losses.triplet import hinge_triplet
 from rsitr.losses.weighting import WEIGHTINGS, LossWeighting
 from rsitr.models.adapters.attention import (
@@ -328,7 +328,7 @@ class RDB(RetrievalMethod):
         cfg = self.cfg
         scale = self.logit_scale()
         sim = img @ txt.T
-        pos = positives_from_ids(batch["image_id"])
+        pos = batch_positives(batch)
         terms: dict[str, Tensor] = {"itc": multi_positive_infonce(sim * scale, pos)}
         if cfg.triplet:
             terms["itc"] = terms["itc"] + hinge_triplet(sim, pos, cfg.margin, "all")
