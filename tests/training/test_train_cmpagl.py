@@ -60,4 +60,11 @@ def test_train_checkpoint_evaluate(
     assert json.loads(capsys.readouterr().out)["rerank"] == "smr"  # --rerank auto: the method's default
     assert (tmp_path / "report" / "cmpagl_fig7_attention.png").is_file()  # Fig. 7
     assert run([*argv, "--rerank", "none"]) == 0
-    assert json.loads(capsys.readouterr().out)["rerank"] == "none"
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["rerank"] == "none"
+    assert run([*argv, "--itm-rescore", "3"]) == 0  # ALBEF-style ITM re-scoring of the top 3
+    itm = json.loads(capsys.readouterr().out)
+    assert itm["rerank"] == "itm@3" and itm["n_captions"] == plain["n_captions"]
+    # Candidates outside the top 3 keep their ITC order, so R@10 cannot change; R@1 may.
+    assert itm["i2t"]["R@10"] == plain["i2t"]["R@10"] and itm["t2i"]["R@10"] == plain["t2i"]["R@10"]
+    assert run([*argv, "--itm-rescore", "3", "--rerank", "smr"]) == 2

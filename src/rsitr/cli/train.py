@@ -87,6 +87,14 @@ def evaluate_cmd(
         Path | None, typer.Option("--rerank-config", help="YAML from tune-rerank.")
     ] = None,
     ties: Annotated[str, typer.Option("--ties")] = "pessimistic",
+    itm_rescore: Annotated[
+        int,
+        typer.Option(
+            "--itm-rescore",
+            help="K > 0: re-score each query's top-K candidates with the ITM head (cmpagl; "
+            "ALBEF-style, replaces --rerank, slower: 2·K·(images + captions) fusion passes)",
+        ),
+    ] = 0,
     report: Annotated[
         Path | None, typer.Option("--report", help="Write metrics.json, scenes.csv, gallery.png here.")
     ] = None,
@@ -97,7 +105,7 @@ def evaluate_cmd(
     """Evaluate a checkpoint on a split with the RSITR protocol."""
     from rsitr.cli.protocol import load_rerank_config
     from rsitr.data import load_corpus
-    from rsitr.retrieval.embed import evaluate_corpus
+    from rsitr.retrieval.embed import evaluate_corpus, evaluate_corpus_itm
     from rsitr.retrieval.metrics import check_ties
     from rsitr.retrieval.rerank import get_reranker
 
@@ -108,6 +116,10 @@ def evaluate_cmd(
         rerank, params = load_rerank_config(rerank_config)
     if rerank not in ("none", "auto"):
         get_reranker(rerank)
+    if itm_rescore < 0:
+        raise ConfigError(f"--itm-rescore: expected K >= 0, got {itm_rescore}")
+    if itm_rescore and rerank not in ("none", "auto"):
+        raise ConfigError(f"--itm-rescore replaces the reranker; drop --rerank {rerank}")
     import time
 
     t0 = time.perf_counter()
@@ -116,9 +128,14 @@ def evaluate_cmd(
         rerank = getattr(method, "default_rerank", "none")
     corpus = load_corpus(data, split=split, fmt=fmt, images=images, labels=labels)
     dev = next(method.parameters()).device
-    metrics, clean, img, txt = evaluate_corpus(
-        method, corpus, ties=ties, rerank=rerank, rerank_params=params, batch_size=batch_size, device=dev
-    )  # type: ignore[arg-type]
+    if itm_rescore:
+        metrics, clean, img, txt = evaluate_corpus_itm(
+            method, corpus, itm_rescore, ties=ties, batch_size=batch_size, device=dev
+        )  # type: ignore[arg-type]
+    else:
+        metrics, clean, img, txt = evaluate_corpus(
+            method, corpus, ties=ties, rerank=rerank, rerank_params=params, batch_size=batch_size, device=dev
+        )  # type: ignore[arg-type]
     # seconds: the whole command (model and data loading included)
     metrics.extra.update(
         seconds=round(time.perf_counter() - t0, 2), checkpoint=str(checkpoint), data=str(data)

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from rsitr.data.corpus import RetrievalCorpus
+from rsitr.errors import ConfigError
 from rsitr.retrieval.metrics import RetrievalMetrics, TiePolicy, evaluate_scores
 from rsitr.retrieval.relevance import Relevance
 from rsitr.retrieval.rerank import rerank as apply_rerank
@@ -251,6 +252,42 @@ def evaluate_corpus(
         n_images=clean.num_images,
         n_captions=clean.num_captions,
         seconds=round(time.perf_counter() - t0, 3),
+    )
+    if warnings:
+        metrics.extra["warnings"] = warnings
+    return metrics, clean, img, txt
+
+
+def evaluate_corpus_itm(
+    method: Any,
+    corpus: RetrievalCorpus,
+    k: int,
+    *,
+    ties: TiePolicy = "pessimistic",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    **loader_kwargs: Any,
+) -> tuple[RetrievalMetrics, RetrievalCorpus, Tensor, Tensor]:
+    """:func:`evaluate_corpus` with each query's top-``k`` dual-stream candidates re-scored by the
+    method's ITM head (ALBEF-style; ``method.itm_rescore``), ranked i2t and t2i separately.
+
+    Slower than dual-stream retrieval: 2·k·(N + M) passes of the multimodal encoder.
+    """
+    if not hasattr(method, "itm_rescore"):
+        raise ConfigError(f"--itm-rescore: method {method.name!r} has no ITM head (cmpagl has one)")
+    t0 = time.perf_counter()
+    clean, warnings = corpus.drop_blank_captions("eval")
+    method.eval()
+    img_f, _ = image_features(method, clean, batch_size=batch_size, device=device, **loader_kwargs)
+    txt_f = text_features(method, clean.captions, device=device)
+    img, txt = embed_corpus(method, clean, device=device, image_feats=img_f, text_feats=txt_f)
+    i2t, t2i = method.itm_rescore(img.double() @ txt.double().T, img_f, txt_f, k=k)
+    rel = Relevance.from_image_captions(clean.image_captions, clean.num_captions)
+    metrics = evaluate_scores(
+        i2t.numpy(), rel, ties, t2i_scores=t2i.numpy(), rerank=f"itm@{k}", keep_ranks=True
+    )
+    metrics.extra.update(
+        n_images=clean.num_images, n_captions=clean.num_captions, seconds=round(time.perf_counter() - t0, 3)
     )
     if warnings:
         metrics.extra["warnings"] = warnings
