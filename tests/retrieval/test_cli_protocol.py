@@ -127,3 +127,25 @@ def test_tune_rerank_saves_best_and_evaluate_reads_it(
     assert saved["val_mR"] >= max(t["mR"] for t in saved["top"]) - 1e-9
     d = _json(capsys, ["evaluate-scores", str(scores_file), "--rerank-config", str(out), "--json"])
     assert d["rerank"] == "smr" and d["mR"] == pytest.approx(saved["val_mR"])
+
+
+def test_embed_archive_scores_use_its_caption_to_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An `rsitr embed` archive with uneven captions per image: caption j belongs to image c2i[j].
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(6, 8)).astype(np.float32)
+    c2i = np.array([0, 0, 1, 2, 2, 2, 3, 4, 5, 5])
+    txt = img[c2i] + 0.1 * rng.normal(size=(10, 8)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)  # `rsitr embed` writes unit vectors
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    path = tmp_path / "val.npz"
+    np.savez(path, image_embeddings=img, text_embeddings=txt, caption_to_image=c2i)
+    d = _json(capsys, ["evaluate-scores", str(path), "--json"])
+    assert d["i2t"]["R@1"] == 100.0 and d["t2i"]["R@1"] == 100.0
+    out = tmp_path / "smr.yaml"
+    assert run(["tune-rerank", str(path), "--k-list", "3", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["baseline_mR"] == pytest.approx(d["mR"])
+    np.savez(tmp_path / "bad.npz", image_embeddings=img, text_embeddings=txt)
+    assert run(["evaluate-scores", str(tmp_path / "bad.npz")]) == 2
+    assert "no 'caption_to_image' array" in capsys.readouterr().err

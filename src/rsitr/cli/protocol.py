@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 import yaml
 
@@ -16,7 +17,7 @@ from rsitr.cli.report import console, print_metrics_table
 from rsitr.errors import ConfigError, DataError
 from rsitr.retrieval import Relevance, evaluate_scores, make_params, rerank
 from rsitr.retrieval.rerank import get_reranker
-from rsitr.retrieval.scores import load_scores
+from rsitr.retrieval.scores import load_scores, scores_from_embeddings
 
 RERANK_CHOICES = "none|reverse-rank|mr|smr|inverted-softmax"
 
@@ -37,6 +38,16 @@ def relevance_for(scores_shape: tuple[int, int], cpi: int, path: str) -> Relevan
     return Relevance.from_captions_per_image(n_img, cpi)
 
 
+def scores_and_relevance(path: Path, cpi: int, mmap: bool = True) -> tuple[np.ndarray, Relevance]:
+    """A ``.npy`` score matrix (captions laid out ``cpi`` per image) or an ``rsitr embed`` ``.npz``
+    (cosine scores; its ``caption_to_image`` is the ground truth and ``cpi`` is not used)."""
+    if path.suffix == ".npz":
+        scores, c2i = scores_from_embeddings(path)
+        return scores, Relevance(c2i, scores.shape[0])
+    scores = load_scores(path, mmap=mmap)
+    return scores, relevance_for(scores.shape, cpi, str(path))
+
+
 def load_rerank_config(path: Path) -> tuple[str, dict[str, Any]]:
     """Read a ``tune-rerank`` YAML: returns the reranker name and its parameters."""
     try:
@@ -51,7 +62,11 @@ def load_rerank_config(path: Path) -> tuple[str, dict[str, Any]]:
 @app.command("evaluate-scores")
 def evaluate_scores_cmd(
     scores_path: Annotated[
-        Path, typer.Argument(metavar="SCORES.npy", help="(n_images, n_captions) score matrix.")
+        Path,
+        typer.Argument(
+            metavar="SCORES.npy|EMB.npz",
+            help="(n_images, n_captions) score matrix, or embeddings from `rsitr embed`.",
+        ),
     ],
     captions_per_image: Annotated[
         int, typer.Option("--captions-per-image", help="Captions of image i are columns cpi·i…cpi·i+cpi−1.")
@@ -86,8 +101,7 @@ def evaluate_scores_cmd(
     else:
         get_reranker(rerank_name)
         params = make_params(rerank_name, **given)
-    scores = load_scores(scores_path)
-    rel = relevance_for(scores.shape, captions_per_image, str(scores_path))
+    scores, rel = scores_and_relevance(scores_path, captions_per_image)
     out = rerank(scores, rerank_name, params)
     metrics = evaluate_scores(out.i2t, rel, ties, t2i_scores=out.t2i, rerank=rerank_name)  # type: ignore[arg-type]
     if params is not None:
@@ -104,7 +118,11 @@ def evaluate_scores_cmd(
 @app.command("tune-rerank")
 def tune_rerank_cmd(
     scores_path: Annotated[
-        Path, typer.Argument(metavar="VAL_SCORES.npy", help="Validation score matrix (never test).")
+        Path,
+        typer.Argument(
+            metavar="VAL_SCORES.npy|VAL_EMB.npz",
+            help="Validation score matrix or `rsitr embed` embeddings (never test).",
+        ),
     ],
     rerank_name: Annotated[str, typer.Option("--rerank", help="smr|mr")] = "smr",
     captions_per_image: Annotated[int, typer.Option("--captions-per-image")] = 5,
@@ -126,8 +144,7 @@ def tune_rerank_cmd(
         raise ConfigError(f"--k-list: expected comma-separated integers, got {ks!r}") from None
     if not k_values:
         raise ConfigError("--k-list is empty")
-    scores = load_scores(scores_path, mmap=False)
-    rel = relevance_for(scores.shape, captions_per_image, str(scores_path))
+    scores, rel = scores_and_relevance(scores_path, captions_per_image, mmap=False)
     with Progress(console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task(f"tuning {rerank_name}", total=None)
         result = tune_rerank(

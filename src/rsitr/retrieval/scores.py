@@ -34,6 +34,37 @@ def load_scores(path: str | Path, mmap: bool = True) -> np.ndarray:
     return arr
 
 
+def scores_from_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine score matrix and ground truth of an ``rsitr embed`` archive (``.npz``, no pickle).
+
+    Returns:
+        ``(scores, caption_to_image)``: (n_images, n_captions) float64 ``image_embeddings @
+        text_embeddingsᵀ`` and the (n_captions,) image of each caption.
+
+    Raises:
+        DataError: the file is missing or unreadable, or lacks one of the three arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("no such file", path=path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("image_embeddings", "text_embeddings", "caption_to_image") if k not in z]
+            if missing:
+                raise DataError(f"not an `rsitr embed` archive: no {missing[0]!r} array", path=path)
+            img, txt, c2i = z["image_embeddings"], z["text_embeddings"], z["caption_to_image"]
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"cannot read an .npz archive ({str(e).splitlines()[0]})", path=path) from None
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1] or len(c2i) != len(txt):
+        raise DataError(
+            f"inconsistent shapes: images {img.shape}, captions {txt.shape}, caption_to_image {c2i.shape}",
+            path=path,
+        )
+    scores = img.astype(np.float64) @ txt.astype(np.float64).T
+    validate_scores(scores, name=str(path))
+    return scores, c2i.astype(np.int64)
+
+
 def save_scores(path: str | Path, scores: np.ndarray) -> None:
     """Write a score matrix atomically as ``.npy``."""
     path = Path(path)
