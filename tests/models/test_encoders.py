@@ -28,6 +28,7 @@ from rsitr.models.encoders import (
 )
 from rsitr.models.encoders import efficientnet as effnet
 from rsitr.models.encoders._factory import _IMAGE, _TEXT
+from rsitr.models.encoders.base import trim_padding
 from tests.conftest import shared_path
 
 needs_lite0 = pytest.mark.skipif(
@@ -206,6 +207,11 @@ def test_minilm_shapes_mask_and_mean_pool(minilm) -> None:
     assert torch.allclose(out.pooled[1], alone.pooled[0], atol=1e-5)  # padding does not leak in
     assert minilm.num_layers == 6 and len(minilm.layers) == 6
     assert minilm.tokenize(["word " * 100])["attention_mask"].sum() == 32  # truncated
+    short = trim_padding(batch)  # what a raw-text training step feeds the tower
+    assert short["input_ids"].shape == short["attention_mask"].shape == (2, 15)
+    assert torch.equal(short["input_ids"], batch["input_ids"][:, :15])
+    with torch.no_grad():
+        assert torch.allclose(minilm(**short).pooled, out.pooled, atol=1e-5)
 
 
 @needs_minilm
@@ -372,7 +378,7 @@ def test_clip_vit_towers_match_open_clip(tmp_path: Path) -> None:
         assert torch.allclose(tout.pooled, ref.encode_text(batch["input_ids"]), atol=1e-5)
         ref.visual.output_tokens = True
         _, ref_tokens = ref.visual(x)
-        short = txt(batch["input_ids"][:, :16], batch["attention_mask"][:, :16])
+        short = txt(**trim_padding(batch))
     assert torch.allclose(out.tokens, ref_tokens, atol=1e-5) and out.tokens.shape == (2, 16, 64)
     assert img.num_features == 32 and img.token_dim == 64 and img.image_size == 64
     assert img.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
@@ -382,6 +388,7 @@ def test_clip_vit_towers_match_open_clip(tmp_path: Path) -> None:
     assert batch["input_ids"].shape == (2, 77) and txt.max_length == 77
     assert batch["attention_mask"].sum(1).tolist() == [10, 4]  # SOT, 7 words, "!", EOT
     assert tout.tokens.shape == (2, 77, 64) and txt.num_features == 32 and txt.token_dim == 64
+    assert short.tokens.shape == (2, 10, 64)  # trimmed to the longest caption
     assert torch.allclose(short.pooled, tout.pooled, atol=1e-5)  # causal: trailing padding is irrelevant
     assert img.identity()["weights"]["sha256"] and img.identity()["name"].startswith("clip:tiny-vit.json#")
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from rsitr.data.corpus import RetrievalCorpus
 from rsitr.errors import ConfigError
 from rsitr.models import create_method
+from rsitr.models.encoders.base import trim_padding
 from rsitr.models.methods.base import RetrievalMethod
 from rsitr.models.registry import get_method_class
 from rsitr.retrieval.embed import (
@@ -306,7 +307,7 @@ class Trainer:
         """Tokenize a collated micro-batch and move it to the device (None: skip the step)."""
         if items is None or len(items["caption"]) < 2:
             return None
-        tok = self.method.tokenize(list(items["caption"]))
+        tok = trim_padding(self.method.tokenize(list(items["caption"])))
         return {
             "image": items["image"].to(self.device),
             "input_ids": tok["input_ids"].to(self.device),

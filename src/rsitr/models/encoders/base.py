@@ -106,6 +106,20 @@ class ImageEncoder(Encoder):
         return {**super().identity(), **prep}
 
 
+def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the trailing columns that are padding in every row of a right-padded token batch.
+
+    Tokenizers pad to ``max_length`` so that cached features stack; a training step on raw text
+    only needs the longest caption of its batch. Masked (BERT-like) and causal (CLIP) towers give
+    the same outputs on the real tokens either way.
+    """
+    mask = batch["attention_mask"]
+    if mask.ndim != 2 or mask.shape[1] == 0:
+        return batch
+    keep = max(1, int(mask.ne(0).sum(1).max()))
+    return {k: v[:, :keep] if v.ndim == 2 and v.shape == mask.shape else v for k, v in batch.items()}
+
+
 class TextEncoder(Encoder):
     """Base class of text towers.
 
