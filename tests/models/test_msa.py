@@ -216,3 +216,19 @@ def test_report_figures(tmp_path: Path) -> None:
     paths = method.report_figures(corpus, tmp_path / "report", num_images=4)
     assert [p.name for p in paths] == ["msa_fig3_scale_similarity.png", "msa_fig8_attention.png"]
     assert all(Image.open(p).size[0] > 100 for p in paths)
+
+
+def test_text_features_trimmed_by_length_equal_full_length() -> None:
+    # Extraction sorts captions by length, trims padding, and pads the token outputs back.
+    from rsitr.retrieval.embed import text_features
+
+    m = _method().eval()
+    caps = [*TEXTS, "word " * 40, "a", *TEXTS[::-1]]
+    fast = text_features(m, caps, batch_size=3)
+    m.padded_text_keys = None  # the plain path: every batch at the tokenizer's full length
+    slow = text_features(m, caps, batch_size=3)
+    assert fast.keys() == slow.keys() == {"pooled", "tokens", "mask"}
+    assert all(fast[k].shape == slow[k].shape for k in fast) and torch.equal(fast["mask"], slow["mask"])
+    assert torch.allclose(fast["pooled"], slow["pooled"], atol=1e-5)
+    real = slow["mask"] > 0.5  # outputs at padding positions are masked everywhere
+    assert torch.allclose(fast["tokens"][real], slow["tokens"][real], atol=1e-5)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from rsitr.data.corpus import RetrievalCorpus
 from rsitr.errors import ConfigError
+from rsitr.models.encoders.base import trim_padding
 from rsitr.retrieval.metrics import RetrievalMetrics, TiePolicy, evaluate_scores
 from rsitr.retrieval.relevance import Relevance
 from rsitr.retrieval.rerank import rerank as apply_rerank
@@ -118,17 +119,34 @@ def text_features(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, Tensor]:
-    """Frozen-part text features of ``captions`` (named (M, …) CPU tensors)."""
+    """Frozen-part text features of ``captions`` (named (M, …) CPU tensors).
+
+    When the method declares its ``padded_text_keys`` (the sequence-shaped outputs, possibly
+    none), captions are encoded in batches of similar length with the all-padding columns
+    trimmed, and those outputs are zero-padded back to the tokenizer's length: the same features
+    for about half the compute on short captions. Otherwise every batch keeps the full length.
+    """
     out: dict[str, Tensor] = {}
     method.eval()
+    seq_keys = getattr(method, "padded_text_keys", None)
+    order = np.arange(len(captions))
+    if seq_keys is not None and captions:
+        lengths = method.tokenize(list(captions))["attention_mask"].ne(0).sum(1).numpy()
+        order = np.argsort(lengths, kind="stable")
     for s in range(0, len(captions), batch_size):
-        tok = method.tokenize(captions[s : s + batch_size])
+        rows = torch.from_numpy(order[s : s + batch_size])
+        tok = method.tokenize([captions[i] for i in rows.tolist()])
+        full = tok["input_ids"].shape[1]
+        if seq_keys is not None:
+            tok = trim_padding(tok)
         feats = method.text_features(tok["input_ids"].to(device), tok["attention_mask"].to(device))
         for k, v in feats.items():
             v = _storage(method, v)
+            if seq_keys is not None and k in seq_keys and v.shape[1] < full:
+                v = torch.nn.functional.pad(v, (0, 0) * (v.ndim - 2) + (0, full - v.shape[1]))
             if k not in out:
                 out[k] = torch.zeros((len(captions), *v.shape[1:]), dtype=v.dtype)
-            out[k][s : s + len(v)] = v
+            out[k][rows] = v
         if progress is not None:
             progress(min(s + batch_size, len(captions)), len(captions))
     return out

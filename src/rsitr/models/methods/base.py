@@ -54,6 +54,9 @@ class RetrievalMethod(nn.Module):
     Config: ClassVar[type]
     #: dtype of floating features in the on-disk feature cache
     cache_dtype: ClassVar[torch.dtype] = torch.float32
+    #: the sequence-shaped (B, L, …) outputs of :meth:`text_features`: declaring them (``()`` if
+    #: none) lets feature extraction trim padding and pad these back; ``None``: never trim
+    padded_text_keys: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, cfg: Any, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__()

@@ -113,6 +113,7 @@ class DualEncoder(RetrievalMethod):
     """Two towers + projection heads; retrieval by cosine similarity."""
 
     name = "dual"
+    padded_text_keys = ()  # pooled only
     Config = DualConfig
 
     def __init__(self, cfg: DualConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:

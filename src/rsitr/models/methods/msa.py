@@ -278,6 +278,7 @@ class MSA(RetrievalMethod):
     """Multi-Scale Alignment: per-scale MSCMAT alignment in training, fused dual encoder at test."""
 
     name = "msa"
+    padded_text_keys = ("tokens", "mask")
     Config = MSAConfig
 
     def __init__(self, cfg: MSAConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
