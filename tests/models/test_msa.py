@@ -232,3 +232,18 @@ def test_text_features_trimmed_by_length_equal_full_length() -> None:
     assert torch.allclose(fast["pooled"], slow["pooled"], atol=1e-5)
     real = slow["mask"] > 0.5  # outputs at padding positions are masked everywhere
     assert torch.allclose(fast["tokens"][real], slow["tokens"][real], atol=1e-5)
+
+
+def test_top_scale_head_is_the_global_feature_tap_is_the_last_map() -> None:
+    head, tap = _method(), _method(top_scale="tap")
+    enc = head.image_encoder
+    assert head.scale_proj[-1].in_features == enc.num_features
+    assert tap.scale_proj[-1].in_features == enc.feature_info[-1]["num_chs"]
+    with torch.no_grad():
+        feats = head.image_features(torch.randn(2, 3, 64, 64))
+        assert torch.equal(head.scale_features(feats)[-1], head.scale_proj[-1](feats["pooled"]))
+        assert torch.equal(
+            tap.scale_features(feats)[-1], tap.scale_proj[-1](feats[f"avg{len(enc.feature_info) - 1}"])
+        )
+    with pytest.raises(ConfigError, match="top_scale"):
+        _method(top_scale="stage")

@@ -84,6 +84,10 @@ class MSAConfig:
         embed_dim: the joint dimension d.
         pool: spatial pooling of the taps (Eq. 1): ``reference`` (max for all but the largest
             scale, average for the largest, as the code), ``max`` or ``avg``.
+        top_scale: the largest scale vⁿ: ``head``, the encoder's global (average-pooled) final
+            feature, which is what C5 is for ResNet and what ``base`` uses (EfficientNet-Lite0: the
+            1280-d head rather than the 320-d last block), or ``tap``, the last ``feature_info``
+            map pooled with ``pool``.
         mscmat: ``cross`` (Eq. 9–13), ``self`` (Table VIII's MSCMAT-SELF: self-attention over
             the image feature concatenated with the text tokens) or ``no-cls`` (Eq. 13 without
             t^cls).
@@ -111,6 +115,7 @@ class MSAConfig:
     beta: float | None = None
     embed_dim: int = 512
     pool: Literal["reference", "max", "avg"] = "reference"
+    top_scale: Literal["head", "tap"] = "head"
     mscmat: Literal["cross", "self", "no-cls"] = "cross"
     num_heads: int = 8
     attention: Literal["sigmoid", "softmax"] = "sigmoid"
@@ -125,6 +130,7 @@ class MSAConfig:
     def __post_init__(self) -> None:
         _choice("preset", self.preset, tuple(PRESETS))
         _choice("pool", self.pool, ("reference", "max", "avg"))
+        _choice("top_scale", self.top_scale, ("head", "tap"))
         _choice("mscmat", self.mscmat, ("cross", "self", "no-cls"))
         _choice("attention", self.attention, ("sigmoid", "softmax"))
         _choice("score", self.score, ("dot", "reference"))
@@ -284,6 +290,8 @@ class MSA(RetrievalMethod):
     def __init__(self, cfg: MSAConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__(cfg, image_encoder, text_encoder)
         chs = [f["num_chs"] for f in image_encoder.feature_info]
+        if cfg.top_scale == "head":  # vⁿ is the global final feature (ResNet: C5 average-pooled)
+            chs[-1] = image_encoder.num_features
         self.num_scales = n = len(chs)
         if max(cfg.align_scales) > n:
             raise ConfigError(
@@ -296,6 +304,9 @@ class MSA(RetrievalMethod):
         self.pools = [
             ("avg" if i == n - 1 else "max") if cfg.pool == "reference" else cfg.pool for i in range(n)
         ]
+        self.scale_keys = [f"{kind}{i}" for i, kind in enumerate(self.pools)]
+        if cfg.top_scale == "head":
+            self.scale_keys[-1] = "pooled"
         self.scale_proj = nn.ModuleList(nn.Linear(c, d) for c in chs)  # Lⁱ, Eq. 2
         self.fusion_gate = nn.Linear(d, d)  # L^ms, Eq. 6
         self.global_proj = nn.Linear(image_encoder.num_features, d) if cfg.image_mode == "global" else None
@@ -327,10 +338,7 @@ class MSA(RetrievalMethod):
     # --- trainable part ---------------------------------------------------------------------------
     def scale_features(self, feats: Features) -> list[Tensor]:
         """v^i′ = Lⁱ(vⁱ) for every scale (Eq. 1–2), each (B, d)."""
-        return [
-            proj(feats[f"{kind}{i}"])
-            for i, (proj, kind) in enumerate(zip(self.scale_proj, self.pools, strict=True))
-        ]
+        return [proj(feats[key]) for proj, key in zip(self.scale_proj, self.scale_keys, strict=True)]
 
     def fuse(self, scales: list[Tensor]) -> Tensor:
         """v″ = Sigmoid(L^ms(Σᵢ v^i′)) ⊙ Σᵢ v^i′ (Eq. 5–6; ⊕ is element-wise addition)."""
