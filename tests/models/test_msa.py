@@ -247,3 +247,17 @@ def test_top_scale_head_is_the_global_feature_tap_is_the_last_map() -> None:
         )
     with pytest.raises(ConfigError, match="top_scale"):
         _method(top_scale="stage")
+
+
+def test_triplet_reduction_sum_is_batch_times_mean() -> None:
+    batch = _batch(_method())
+    mean = _method(preset="base", triplet_reduction="mean").train()(batch)["triplet_loss"]
+    total = _method(preset="base", triplet_reduction="sum").train()(batch)["triplet_loss"]
+    assert torch.allclose(total, 4 * mean)
+
+
+def test_input_norm_standardises_each_scale_before_its_projection() -> None:
+    m = _method(preset="base+m", input_norm="batchnorm")
+    assert isinstance(m.scale_proj[0][0], torch.nn.BatchNorm1d)
+    assert isinstance(_method(preset="base", input_norm="batchnorm").global_proj[0], torch.nn.BatchNorm1d)
+    assert isinstance(_method(preset="base+m").scale_proj[0], torch.nn.Linear)  # none: the paper's L^i

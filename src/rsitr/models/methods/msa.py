@@ -48,6 +48,7 @@ from rsitr.losses.contrastive import batch_positives, multi_positive_infonce
 from rsitr.losses.triplet import hinge_triplet
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder
 from rsitr.models.methods.base import Features, RetrievalMethod
+from rsitr.models.methods.dual import projection_head
 from rsitr.models.registry import register_method
 
 #: preset → (image feature, α, β); see the module docstring.
@@ -88,6 +89,9 @@ class MSAConfig:
             feature, which is what C5 is for ResNet and what ``base`` uses (EfficientNet-Lite0: the
             1280-d head rather than the 320-d last block), or ``tap``, the last ``feature_info``
             map pooled with ``pool``.
+        input_norm: ``batchnorm`` standardises each frozen pooled image feature (every scale and
+            the ``base`` global feature) per dimension before its projection, as ``dual`` does
+            for its multi-tap input; ``none`` projects the raw pooled features (the paper).
         mscmat: ``cross`` (Eq. 9–13), ``self`` (Table VIII's MSCMAT-SELF: self-attention over
             the image feature concatenated with the text tokens) or ``no-cls`` (Eq. 13 without
             t^cls).
@@ -102,6 +106,8 @@ class MSAConfig:
         csmmc_axis: softmax over ``row`` s (Eq. 16) or ``column`` s (the code).
         margin: triplet margin d (Eq. 7).
         negatives: triplet negatives, ``hardest`` (max-violation, as the code) or ``all`` (sum).
+        triplet_reduction: L_tri over the batch: ``sum`` (as the code, which keeps it on the
+            scale of α·L_MSCMA) or ``mean``.
     """
 
     image_encoder: str = "efficientnet-lite0"
@@ -116,6 +122,7 @@ class MSAConfig:
     embed_dim: int = 512
     pool: Literal["reference", "max", "avg"] = "reference"
     top_scale: Literal["head", "tap"] = "head"
+    input_norm: Literal["none", "batchnorm"] = "none"
     mscmat: Literal["cross", "self", "no-cls"] = "cross"
     num_heads: int = 8
     attention: Literal["sigmoid", "softmax"] = "sigmoid"
@@ -126,16 +133,19 @@ class MSAConfig:
     csmmc_axis: Literal["row", "column"] = "row"
     margin: float = 0.2
     negatives: Literal["hardest", "all"] = "hardest"
+    triplet_reduction: Literal["sum", "mean"] = "sum"
 
     def __post_init__(self) -> None:
         _choice("preset", self.preset, tuple(PRESETS))
         _choice("pool", self.pool, ("reference", "max", "avg"))
         _choice("top_scale", self.top_scale, ("head", "tap"))
+        _choice("input_norm", self.input_norm, ("none", "batchnorm"))
         _choice("mscmat", self.mscmat, ("cross", "self", "no-cls"))
         _choice("attention", self.attention, ("sigmoid", "softmax"))
         _choice("score", self.score, ("dot", "reference"))
         _choice("csmmc_axis", self.csmmc_axis, ("row", "column"))
         _choice("negatives", self.negatives, ("hardest", "all"))
+        _choice("triplet_reduction", self.triplet_reduction, ("sum", "mean"))
         for name in ("alpha", "beta"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -307,9 +317,16 @@ class MSA(RetrievalMethod):
         self.scale_keys = [f"{kind}{i}" for i, kind in enumerate(self.pools)]
         if cfg.top_scale == "head":
             self.scale_keys[-1] = "pooled"
-        self.scale_proj = nn.ModuleList(nn.Linear(c, d) for c in chs)  # Lⁱ, Eq. 2
+        norm = cfg.input_norm
+        self.scale_proj = nn.ModuleList(
+            projection_head(c, d, "linear", 0, 0.0, input_norm=norm) for c in chs
+        )  # Lⁱ, Eq. 2
         self.fusion_gate = nn.Linear(d, d)  # L^ms, Eq. 6
-        self.global_proj = nn.Linear(image_encoder.num_features, d) if cfg.image_mode == "global" else None
+        self.global_proj = (
+            projection_head(image_encoder.num_features, d, "linear", 0, 0.0, input_norm=norm)
+            if cfg.image_mode == "global"
+            else None
+        )
         self.text_proj = nn.Linear(text_encoder.num_features, d)  # t^cls′
         self.token_proj = nn.Linear(text_encoder.token_dim, d)  # t^local′ (Eq. 10–11 input)
         needs_mscmat = self.alpha > 0 or self.beta > 0
@@ -383,7 +400,8 @@ class MSA(RetrievalMethod):
         g = self.gather
         img_n, txt_n = g(F.normalize(img, dim=-1)), g(F.normalize(cls, dim=-1))
         pos = batch_positives(batch, g)
-        out = {"triplet_loss": hinge_triplet(img_n @ txt_n.T, pos, self.cfg.margin, self.cfg.negatives)}
+        tri = hinge_triplet(img_n @ txt_n.T, pos, self.cfg.margin, self.cfg.negatives)  # batch mean
+        out = {"triplet_loss": tri * len(img_n) if self.cfg.triplet_reduction == "sum" else tri}
         if self.training and len(self.mscmat):
             m = self.scale_scores(scales, txt_feats, cls)
             out.update(self.alignment_losses(m, pos))
