@@ -1,8 +1,8 @@
 """Search benchmark: the index's vector search on 1,000,000 random 512-d unit vectors.
 
-Run: ``python benchmarks/search.py [--n 1000000] [--dim 512] [--threads 2] [--hnsw]``. Prints a
-table: build time, single-query p50/p99 latency and recall@10 against exact search, for the
-exact ``Flat`` index and approximate indexes built by rsitr's own code
+Run: ``python benchmarks/search.py [--n 1000000] [--dim 512] [--threads 2] [--hnsw]
+[--data random|clustered]``. Prints a table: build time, single-query p50/p99 latency and
+recall@10 against exact search, for the exact ``Flat`` index and approximate indexes built by rsitr's own code
 (:func:`rsitr.retrieval.index.vectors.build_vector_index`) with a sweep of their query-time
 parameters; then the query-embedding latency of the text tower (the offline MiniLM-L6 with a
 512-d head, or tiny-text when the offline wheel is absent) and the end-to-end text-query
@@ -11,7 +11,8 @@ latency.
 Random unit vectors are the worst case for approximate search: all neighbours sit at almost
 the same distance (the true 10th neighbour is ~4.3 standard deviations out; 512 dimensions
 leave no low-dimensional structure for cells or graphs to exploit), so recall costs far more
-work than on real embeddings. Latencies are single queries (batch 1), ``--threads`` threads.
+work than on real embeddings. ``--data clustered`` draws vectors and queries around random
+centres instead, as real embeddings cluster. Latencies are single queries (batch 1), ``--threads`` threads.
 """
 
 from __future__ import annotations
@@ -43,6 +44,25 @@ def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000) -> np.ndarra
         b = rng.standard_normal((min(chunk, n - s), dim), dtype=np.float32)
         b /= np.linalg.norm(b, axis=1, keepdims=True)
         x[s : s + len(b)] = b
+    return x
+
+
+def clustered_vectors(
+    n: int, dim: int, seed: int, centres: np.ndarray, spread: float, chunk: int = 100_000
+) -> np.ndarray:
+    """(n, dim) unit rows, each a random centre plus isotropic noise of norm ≈ ``spread``.
+
+    A stand-in for real embeddings, which cluster (by scene, sensor, season): with the default
+    spread a vector's cosine to its own centre is ≈ 0.7 and to another centre ≈ 0.
+    """
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, dim), np.float32)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        b = centres[rng.integers(len(centres), size=m)]
+        b = b + rng.standard_normal((m, dim), dtype=np.float32) * (spread / np.sqrt(dim))
+        b /= np.linalg.norm(b, axis=1, keepdims=True)
+        x[s : s + m] = b
     return x
 
 
@@ -98,15 +118,30 @@ def main() -> None:
     ap.add_argument("--exact-queries", type=int, default=30, help="timed single queries on the exact index")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hnsw", action="store_true", help="also build HNSW (slow to build on 2 cores)")
+    ap.add_argument(
+        "--data",
+        choices=("random", "clustered"),
+        default="random",
+        help="random: iid unit vectors (the worst case); clustered: vectors and queries around "
+        "--clusters random centres, like real embeddings",
+    )
+    ap.add_argument("--clusters", type=int, default=10_000)
+    ap.add_argument("--spread", type=float, default=1.0, help="noise norm around a centre (clustered)")
     args = ap.parse_args()
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    print(f"{args.n:,} random {args.dim}-d unit vectors, {args.queries} queries, {args.threads} threads, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    print(f"{args.n:,} {args.data} {args.dim}-d unit vectors, {args.queries} queries, "
+          f"{args.threads} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
 
     t0 = time.perf_counter()
-    x = unit_vectors(args.n, args.dim, seed=0)
-    q = unit_vectors(args.queries, args.dim, seed=1)
+    if args.data == "random":
+        x = unit_vectors(args.n, args.dim, seed=0)
+        q = unit_vectors(args.queries, args.dim, seed=1)
+    else:
+        centres = unit_vectors(args.clusters, args.dim, seed=2)
+        x = clustered_vectors(args.n, args.dim, 0, centres, args.spread)
+        q = clustered_vectors(args.queries, args.dim, 1, centres, args.spread)
     ids = np.arange(args.n, dtype=np.int64)
     print(f"generated in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -124,7 +159,7 @@ def main() -> None:
         (
             "IVF-PQ (rsitr default)",
             VectorIndexConfig(kind="ivfpq"),
-            [{"nprobe": 64}, {"nprobe": 256}],
+            [{"nprobe": p} for p in ((8, 16, 32, 64) if args.data == "clustered" else (64, 256))],
         ),
         (
             "PQ fast-scan + exact refine",
