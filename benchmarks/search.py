@@ -159,7 +159,7 @@ def main() -> None:
         (
             "IVF-PQ (rsitr default)",
             VectorIndexConfig(kind="ivfpq"),
-            [{"nprobe": p} for p in ((8, 16, 32, 64) if args.data == "clustered" else (64, 256))],
+            [{"nprobe": p} for p in ((16, 64, 128, 256) if args.data == "clustered" else (64, 256))],
         ),
         (
             "PQ fast-scan + exact refine",
