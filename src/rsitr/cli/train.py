@@ -105,7 +105,7 @@ def evaluate_cmd(
     """Evaluate a checkpoint on a split with the RSITR protocol."""
     from rsitr.cli.protocol import load_rerank_config
     from rsitr.data import load_corpus
-    from rsitr.retrieval.embed import evaluate_corpus, evaluate_corpus_itm
+    from rsitr.retrieval.embed import evaluate_corpus
     from rsitr.retrieval.metrics import check_ties
     from rsitr.retrieval.rerank import get_reranker
 
@@ -128,14 +128,10 @@ def evaluate_cmd(
         rerank = getattr(method, "default_rerank", "none")
     corpus = load_corpus(data, split=split, fmt=fmt, images=images, labels=labels)
     dev = next(method.parameters()).device
-    if itm_rescore:
-        metrics, clean, img, txt = evaluate_corpus_itm(
-            method, corpus, itm_rescore, ties=ties, batch_size=batch_size, device=dev
-        )  # type: ignore[arg-type]
-    else:
-        metrics, clean, img, txt = evaluate_corpus(
-            method, corpus, ties=ties, rerank=rerank, rerank_params=params, batch_size=batch_size, device=dev
-        )  # type: ignore[arg-type]
+    metrics, clean, img, txt = evaluate_corpus(
+        method, corpus, ties=ties, rerank=rerank, rerank_params=params, itm_rescore=itm_rescore,
+        batch_size=batch_size, device=dev,
+    )  # type: ignore[arg-type]  # fmt: skip
     # seconds: the whole command (model and data loading included)
     metrics.extra.update(
         seconds=round(time.perf_counter() - t0, 2), checkpoint=str(checkpoint), data=str(data)

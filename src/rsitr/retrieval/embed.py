@@ -129,14 +129,16 @@ def text_features(
     out: dict[str, Tensor] = {}
     method.eval()
     seq_keys = getattr(method, "padded_text_keys", None)
+    if not captions:
+        return out
+    tokens = method.tokenize(list(captions))  # once: (M, L) ids and mask
+    full = tokens["input_ids"].shape[1]
     order = np.arange(len(captions))
-    if seq_keys is not None and captions:
-        lengths = method.tokenize(list(captions))["attention_mask"].ne(0).sum(1).numpy()
-        order = np.argsort(lengths, kind="stable")
+    if seq_keys is not None:
+        order = np.argsort(tokens["attention_mask"].ne(0).sum(1).numpy(), kind="stable")
     for s in range(0, len(captions), batch_size):
         rows = torch.from_numpy(order[s : s + batch_size])
-        tok = method.tokenize([captions[i] for i in rows.tolist()])
-        full = tok["input_ids"].shape[1]
+        tok = {k: v[rows] for k, v in tokens.items()}
         if seq_keys is not None:
             tok = trim_padding(tok)
         feats = method.text_features(tok["input_ids"].to(device), tok["attention_mask"].to(device))
@@ -252,60 +254,41 @@ def evaluate_corpus(
     ties: TiePolicy = "pessimistic",
     rerank: str = "none",
     rerank_params: dict[str, Any] | None = None,
+    itm_rescore: int = 0,
     **embed_kwargs: Any,
 ) -> tuple[RetrievalMetrics, RetrievalCorpus, Tensor, Tensor]:
     """Embed ``corpus`` with ``method`` and compute the protocol metrics.
 
     Blank captions are excluded from the t2i queries (their images stay candidates), as the
-    data layer's evaluation policy says; the report counts them.
+    data layer's evaluation policy says; the report counts them. With ``itm_rescore`` = k > 0,
+    each query's top-k dual-stream candidates are re-scored by the method's ITM head
+    (ALBEF-style, ``method.itm_rescore``) instead of ``rerank``: slower, 2·k·(N + M) passes of
+    the multimodal encoder.
 
     Returns:
         ``(metrics, evaluated corpus, image embeddings, caption embeddings)``.
     """
+    if itm_rescore and not hasattr(method, "itm_rescore"):
+        raise ConfigError(f"--itm-rescore: method {method.name!r} has no ITM head (cmpagl has one)")
     t0 = time.perf_counter()
     clean, warnings = corpus.drop_blank_captions("eval")
-    img, txt = embed_corpus(method, clean, **embed_kwargs)
-    metrics = evaluate_embeddings(img, txt, clean, ties, rerank, rerank_params)
+    if itm_rescore:
+        method.eval()
+        img_f, _ = image_features(method, clean, **embed_kwargs)
+        txt_f = text_features(method, clean.captions, device=embed_kwargs.get("device", "cpu"))
+        img, txt = embed_corpus(method, clean, image_feats=img_f, text_feats=txt_f, **embed_kwargs)
+        i2t, t2i = method.itm_rescore(img.double() @ txt.double().T, img_f, txt_f, k=itm_rescore)
+        rel = Relevance.from_image_captions(clean.image_captions, clean.num_captions)
+        metrics = evaluate_scores(
+            i2t.numpy(), rel, ties, t2i_scores=t2i.numpy(), rerank=f"itm@{itm_rescore}", keep_ranks=True
+        )
+    else:
+        img, txt = embed_corpus(method, clean, **embed_kwargs)
+        metrics = evaluate_embeddings(img, txt, clean, ties, rerank, rerank_params)
     metrics.extra.update(
         n_images=clean.num_images,
         n_captions=clean.num_captions,
         seconds=round(time.perf_counter() - t0, 3),
-    )
-    if warnings:
-        metrics.extra["warnings"] = warnings
-    return metrics, clean, img, txt
-
-
-def evaluate_corpus_itm(
-    method: Any,
-    corpus: RetrievalCorpus,
-    k: int,
-    *,
-    ties: TiePolicy = "pessimistic",
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    **loader_kwargs: Any,
-) -> tuple[RetrievalMetrics, RetrievalCorpus, Tensor, Tensor]:
-    """:func:`evaluate_corpus` with each query's top-``k`` dual-stream candidates re-scored by the
-    method's ITM head (ALBEF-style; ``method.itm_rescore``), ranked i2t and t2i separately.
-
-    Slower than dual-stream retrieval: 2·k·(N + M) passes of the multimodal encoder.
-    """
-    if not hasattr(method, "itm_rescore"):
-        raise ConfigError(f"--itm-rescore: method {method.name!r} has no ITM head (cmpagl has one)")
-    t0 = time.perf_counter()
-    clean, warnings = corpus.drop_blank_captions("eval")
-    method.eval()
-    img_f, _ = image_features(method, clean, batch_size=batch_size, device=device, **loader_kwargs)
-    txt_f = text_features(method, clean.captions, device=device)
-    img, txt = embed_corpus(method, clean, device=device, image_feats=img_f, text_feats=txt_f)
-    i2t, t2i = method.itm_rescore(img.double() @ txt.double().T, img_f, txt_f, k=k)
-    rel = Relevance.from_image_captions(clean.image_captions, clean.num_captions)
-    metrics = evaluate_scores(
-        i2t.numpy(), rel, ties, t2i_scores=t2i.numpy(), rerank=f"itm@{k}", keep_ranks=True
-    )
-    metrics.extra.update(
-        n_images=clean.num_images, n_captions=clean.num_captions, seconds=round(time.perf_counter() - t0, 3)
     )
     if warnings:
         metrics.extra["warnings"] = warnings
