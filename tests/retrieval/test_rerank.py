@@ -161,7 +161,7 @@ def test_unknown_and_misapplied_parameters() -> None:
         rerank(s, "smr", k=s.shape[0] + 1)
     with pytest.raises(ConfigError, match="temperature"):
         rerank(s, "inverted-softmax", temperature=0.0)
-    assert set(TOPK_RERANKERS + ["inverted-softmax"]) == set(list_rerankers())
+    assert set(TOPK_RERANKERS + ["inverted-softmax", "qb-norm"]) == set(list_rerankers())
 
 
 @pytest.mark.parametrize("name", ["smr", "mr"])

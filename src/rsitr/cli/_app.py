@@ -14,3 +14,8 @@ app = typer.Typer(
 
 data_app = typer.Typer(help="Inspect and validate caption datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+TTA_HELP = (
+    "Test-time views averaged into each image embedding: none|flips|d4 or a comma-separated list "
+    "(identity, hflip, vflip, rot90, rot180, rot270, transpose, antitranspose)"
+)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rsitr.cli._app import app
+from rsitr.cli._app import TTA_HELP, app
 from rsitr.cli.report import console
 from rsitr.errors import ConfigError
 
@@ -62,6 +62,7 @@ def build_cmd(
     ] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     workers: Annotated[int, typer.Option("--workers", help="Threads decoding and hashing files.")] = 2,
+    tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print the build report as JSON.")] = False,
 ) -> None:
     """Index an image archive: resumable (re-run after an interruption), incremental (re-run after
@@ -93,7 +94,7 @@ def build_cmd(
 
         report = build_index(
             images, checkpoint, out, batch_size=batch_size, shard=shard, vector_config=cfg,
-            device=resolve_device(device), workers=workers, progress=progress,
+            device=resolve_device(device), workers=workers, progress=progress, tta=tta,
         )  # fmt: skip
     _print_report(report, as_json)
 

@@ -16,10 +16,24 @@ from rsitr.cli._app import app
 from rsitr.cli.report import console, print_metrics_table
 from rsitr.errors import ConfigError, DataError
 from rsitr.retrieval import Relevance, evaluate_scores, make_params, rerank
-from rsitr.retrieval.rerank import get_reranker
-from rsitr.retrieval.scores import load_scores, scores_from_embeddings
+from rsitr.retrieval.rerank import QueryBank, get_reranker
+from rsitr.retrieval.scores import load_embeddings, load_scores, scores_from_embeddings
 
-RERANK_CHOICES = "none|reverse-rank|mr|smr|inverted-softmax"
+RERANK_CHOICES = "none|reverse-rank|mr|smr|inverted-softmax|qb-norm"
+
+
+def query_bank_from_npz(scores_path: Path, bank_path: Path) -> QueryBank:
+    """QB-Norm's bank: the `rsitr embed` archive ``bank_path`` (training split) scored against
+    the gallery of the `rsitr embed` archive ``scores_path`` (its images and captions)."""
+    if scores_path.suffix != ".npz":
+        raise ConfigError("--bank needs embeddings (an `rsitr embed` .npz), not a score matrix")
+    gallery, bank = load_embeddings(scores_path), load_embeddings(bank_path)
+    if gallery[0].shape[1] != bank[0].shape[1]:
+        raise DataError(
+            f"embedding size {bank[0].shape[1]} differs from {scores_path}'s {gallery[0].shape[1]}",
+            path=bank_path,
+        )
+    return QueryBank(text=bank[1] @ gallery[0].T, image=bank[0] @ gallery[1].T)
 
 
 def relevance_for(scores_shape: tuple[int, int], cpi: int, path: str) -> Relevance:
@@ -79,6 +93,11 @@ def evaluate_scores_cmd(
     wp1: Annotated[float | None, typer.Option("--wp1", help="MR Wp1.")] = None,
     wp2: Annotated[float | None, typer.Option("--wp2", help="MR Wp2.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Inverted-softmax τ.")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="QB-Norm β.")] = None,
+    bank: Annotated[
+        Path | None,
+        typer.Option("--bank", help="qb-norm's query bank: `rsitr embed` .npz of the training split."),
+    ] = None,
     rerank_config: Annotated[
         Path | None, typer.Option("--rerank-config", help="YAML written by tune-rerank.")
     ] = None,
@@ -86,7 +105,8 @@ def evaluate_scores_cmd(
 ) -> None:
     """Evaluate a saved score matrix with the RSITR protocol, optionally after reranking."""
     t0 = time.perf_counter()
-    given = {"k": k, "gamma1": gamma1, "gamma2": gamma2, "wp1": wp1, "wp2": wp2, "temperature": temperature}
+    given = {"k": k, "gamma1": gamma1, "gamma2": gamma2, "wp1": wp1, "wp2": wp2, "temperature": temperature,
+             "beta": beta}  # fmt: skip
     if rerank_config is not None:
         name, params = load_rerank_config(rerank_config)
         if rerank_name not in ("none", name):
@@ -102,11 +122,16 @@ def evaluate_scores_cmd(
         get_reranker(rerank_name)
         params = make_params(rerank_name, **given)
     scores, rel = scores_and_relevance(scores_path, captions_per_image)
-    out = rerank(scores, rerank_name, params)
+    qbank = None
+    if bank is not None:
+        if rerank_name == "none" or not get_reranker(rerank_name).needs_bank:
+            raise ConfigError("--bank is the query bank of --rerank qb-norm")
+        qbank = query_bank_from_npz(scores_path, bank)
+    out = rerank(scores, rerank_name, params, bank=qbank)
     metrics = evaluate_scores(out.i2t, rel, ties, t2i_scores=out.t2i, rerank=rerank_name)  # type: ignore[arg-type]
     if params is not None:
         metrics.extra["rerank_params"] = asdict(params)
-        metrics.extra["transductive"] = True
+        metrics.extra["transductive"] = get_reranker(rerank_name).transductive
     if as_json:
         typer.echo(json.dumps(metrics.to_dict()))
         return

@@ -23,6 +23,8 @@ def print_metrics_table(metrics: RetrievalMetrics, title: str = "") -> None:
         )
     console.print(table)
     note = f"mR {metrics.mR:.2f}  (ties: {metrics.ties}; rerank: {metrics.rerank}"
-    if metrics.rerank != "none":
+    if metrics.rerank != "none" and metrics.extra.get("transductive", True):
         note += ", transductive: uses the whole query set"
+    elif metrics.rerank != "none":
+        note += ", non-transductive: each query scored alone against a fixed query bank"
     console.print(note + ")")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rsitr.cli._app import app
+from rsitr.cli._app import TTA_HELP, app
 from rsitr.cli.report import console, print_metrics_table
 from rsitr.errors import ConfigError
 
@@ -79,10 +79,17 @@ def evaluate_cmd(
         str,
         typer.Option(
             "--rerank",
-            help="auto|none|reverse-rank|mr|smr|inverted-softmax; auto: the method's default "
-            "(smr for cmpagl, none otherwise)",
+            help="auto|none|reverse-rank|mr|smr|inverted-softmax|qb-norm; auto: the method's "
+            "default (smr for cmpagl, none otherwise); qb-norm is non-transductive (query bank)",
         ),
     ] = "auto",
+    query_bank: Annotated[
+        str,
+        typer.Option("--query-bank", help="Split of --data whose captions/images form qb-norm's bank."),
+    ] = "train",
+    tta: Annotated[
+        str, typer.Option("--tta", help=TTA_HELP)
+    ] = "none",
     rerank_config: Annotated[
         Path | None, typer.Option("--rerank-config", help="YAML from tune-rerank.")
     ] = None,
@@ -105,7 +112,7 @@ def evaluate_cmd(
     """Evaluate a checkpoint on a split with the RSITR protocol."""
     from rsitr.cli.protocol import load_rerank_config
     from rsitr.data import load_corpus
-    from rsitr.retrieval.embed import evaluate_corpus
+    from rsitr.retrieval.embed import evaluate_corpus, parse_views
     from rsitr.retrieval.metrics import check_ties
     from rsitr.retrieval.rerank import get_reranker
 
@@ -126,12 +133,22 @@ def evaluate_cmd(
     method = _load(checkpoint, device)
     if rerank == "auto":  # e.g. CMPAGL evaluates with its SMR by default
         rerank = getattr(method, "default_rerank", "none")
+    views = parse_views(tta)
     corpus = load_corpus(data, split=split, fmt=fmt, images=images, labels=labels)
+    bank_corpus = None
+    if rerank not in ("none", "auto") and get_reranker(rerank).needs_bank:
+        if query_bank == split:
+            raise ConfigError(f"--query-bank {query_bank}: the bank must not be the evaluated split")
+        bank_corpus = load_corpus(data, split=query_bank, fmt=fmt, images=images, labels=labels)
     dev = next(method.parameters()).device
     metrics, clean, img, txt = evaluate_corpus(
         method, corpus, ties=ties, rerank=rerank, rerank_params=params, itm_rescore=itm_rescore,
-        batch_size=batch_size, device=dev,
+        batch_size=batch_size, device=dev, views=views, bank_corpus=bank_corpus,
     )  # type: ignore[arg-type]  # fmt: skip
+    if len(views) > 1:
+        metrics.extra["tta_views"] = list(views)
+    if bank_corpus is not None:
+        metrics.extra["query_bank"] = f"{query_bank} ({bank_corpus.num_images} images)"
     # seconds: the whole command (model and data loading included)
     metrics.extra.update(
         seconds=round(time.perf_counter() - t0, 2), checkpoint=str(checkpoint), data=str(data)
@@ -159,19 +176,23 @@ def embed_cmd(
     fmt: Annotated[str | None, typer.Option("--format")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     device: Annotated[str, typer.Option("--device")] = "auto",
+    tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
 ) -> None:
     """Export L2-normalised image and caption embeddings of a corpus (npz, no pickle)."""
     import numpy as np
 
     from rsitr.data import load_corpus
-    from rsitr.retrieval.embed import embed_corpus
+    from rsitr.retrieval.embed import embed_corpus, parse_views
 
     setup_logging()
     if out.suffix != ".npz":
         raise ConfigError(f"--out: expected a .npz file name, got {out}")
     method = _load(checkpoint, device)
     corpus, _ = load_corpus(data, split=split, fmt=fmt, images=images).drop_blank_captions("eval")
-    img, txt = embed_corpus(method, corpus, batch_size=batch_size, device=next(method.parameters()).device)
+    views = parse_views(tta)
+    img, txt = embed_corpus(
+        method, corpus, batch_size=batch_size, device=next(method.parameters()).device, views=views
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.npz")
     np.savez(

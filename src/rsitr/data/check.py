@@ -19,7 +19,8 @@ from rsitr.data.corpus import BlankCaption, RetrievalCorpus
 from rsitr.data.formats import detect_format, get_format
 from rsitr.data.images import inspect_image
 from rsitr.data.loading import load_corpus
-from rsitr.errors import DataError
+from rsitr.data.splitting import split_profile
+from rsitr.errors import DataError, RsitrError
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ def summarize_corpus(
         "corrupt_images": corrupt,
         "image_summary": image_summary,
         "split_overlap": None,
+        "profile": split_profile(corpus),
         "labelled_images": sum(im.scene is not None for im in corpus.images),
         "label_summary": {
             "scenes": len({im.scene for im in corpus.images if im.scene is not None}),
@@ -187,6 +189,27 @@ def summarize_corpus(
         "errors": errors,
         "warnings": warnings,
     }
+
+
+def _profile(
+    corpus: RetrievalCorpus,
+    source: Path,
+    split: str | None,
+    fmt: str | None,
+    labels: str | Path | None,
+    dataset: str | None,
+) -> dict[str, Any]:
+    """:func:`split_profile` of the checked split, against the source's ``train`` split when
+    another split is checked (and against its own other images otherwise)."""
+    reference = None
+    if split not in (None, "train"):
+        try:
+            reference = load_corpus(source, split="train", fmt=fmt, labels=labels, dataset=dataset)
+        except RsitrError:
+            reference = None
+    out = split_profile(corpus, reference)
+    out["reference"] = "train split" if reference is not None else out["reference"]
+    return out
 
 
 def check_corpus(
@@ -218,7 +241,9 @@ def check_corpus(
         ``missing_images`` (names; ``None`` without ``images``), ``corrupt_images``
         (``[{image, error}]``; ``None`` without ``deep``), ``image_summary`` (sizes, modes,
         dtypes; with ``deep``), ``split_overlap`` (``{splits, images, pairs, examples}``;
-        ``None`` for a single-split source), ``labelled_images``, ``label_summary``,
+        ``None`` for a single-split source), ``profile`` (:func:`split_profile` figures:
+        distinct captions per image, identical-caption images, verbatim overlap with the train
+        split, scene mix), ``labelled_images``, ``label_summary``,
         ``errors`` and ``warnings``. The source is usable when ``errors`` is empty.
 
     Raises:
@@ -240,6 +265,7 @@ def check_corpus(
         overlap = None
         report["warnings"].append(f"split overlap not checked: {e}")
     report["split_overlap"] = overlap
+    report["profile"] = _profile(corpus, source, split, fmt, labels, dataset)
     if overlap and overlap["images"]:
         report["warnings"].append(
             f"{overlap['images']} image(s) appear in more than one split "

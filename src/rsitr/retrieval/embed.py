@@ -22,6 +22,7 @@ from rsitr.errors import ConfigError
 from rsitr.models.encoders.base import trim_padding
 from rsitr.retrieval.metrics import RetrievalMetrics, TiePolicy, evaluate_scores
 from rsitr.retrieval.relevance import Relevance
+from rsitr.retrieval.rerank import QueryBank, get_reranker
 from rsitr.retrieval.rerank import rerank as apply_rerank
 
 logger = logging.getLogger(__name__)
@@ -29,17 +30,58 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
+_VIEWS = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x.flip(-1),
+    "vflip": lambda x: x.flip(-2),
+    "rot90": lambda x: x.rot90(1, dims=(-2, -1)),
+    "rot180": lambda x: x.rot90(2, dims=(-2, -1)),
+    "rot270": lambda x: x.rot90(3, dims=(-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),
+    "antitranspose": lambda x: x.rot90(2, dims=(-2, -1)).transpose(-2, -1),
+}
+VIEWS = tuple(_VIEWS)
+"""The eight views of the dihedral group D4: valid for overhead imagery, which has no 'up'."""
+
+VIEW_SETS = {"none": ("identity",), "flips": ("identity", "hflip", "vflip"), "d4": VIEWS}
+"""Named test-time view sets (``--tta``)."""
+
+
 def apply_view(x: Tensor, view: str) -> Tensor:
-    """A deterministic view of a (…, H, W) batch: identity, hflip, vflip or rot90."""
-    if view == "identity":
-        return x
-    if view == "hflip":
-        return x.flip(-1)
-    if view == "vflip":
-        return x.flip(-2)
-    if view == "rot90":
-        return x.rot90(1, dims=(-2, -1))
-    raise ValueError(f"unknown view {view!r}; known: identity, hflip, vflip, rot90")
+    """A deterministic view of a (…, H, W) batch: one of :data:`VIEWS` (flips, 90° turns)."""
+    try:
+        return _VIEWS[view](x)
+    except KeyError:
+        raise ValueError(f"unknown view {view!r}; known: {', '.join(VIEWS)}") from None
+
+
+def parse_views(spec: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """``none``/``flips``/``d4`` or a comma-separated list of views → a tuple of view names.
+
+    Raises:
+        ConfigError: for an unknown view or set name.
+    """
+    if spec is None or spec == "":
+        return ("identity",)
+    if isinstance(spec, str):
+        if spec in VIEW_SETS:
+            return VIEW_SETS[spec]
+        spec = [v.strip() for v in spec.split(",") if v.strip()]
+    bad = [v for v in spec if v not in _VIEWS]
+    if bad or not spec:
+        raise ConfigError(
+            f"--tta: unknown view {bad[0] if bad else spec!r}; use {'|'.join(VIEW_SETS)} or a "
+            f"comma-separated list of {', '.join(VIEWS)}"
+        )
+    return tuple(dict.fromkeys(spec))
+
+
+def average_views(embeddings: list[Tensor]) -> Tensor:
+    """Test-time view averaging: ``normalize(Σ_v normalize(e_v))`` over the views' embeddings."""
+    if len(embeddings) == 1:
+        return embeddings[0]
+    total = torch.stack([torch.nn.functional.normalize(e.float(), dim=-1) for e in embeddings]).sum(0)
+    return torch.nn.functional.normalize(total, dim=-1)
 
 
 def image_loader(
@@ -209,20 +251,28 @@ def embed_corpus(
     image_feats: dict[str, Tensor] | None = None,
     text_feats: dict[str, Tensor] | None = None,
     progress: Progress | None = None,
+    views: tuple[str, ...] = ("identity",),
 ) -> tuple[Tensor, Tensor]:
     """L2-normalised image (N, D) and caption (M, D) embeddings of a corpus.
 
-    Cached frozen features, when given, replace running the frozen towers.
+    Cached frozen features, when given, replace running the frozen towers. With several
+    ``views``, each image embedding is the normalised mean over those views
+    (:func:`average_views`; test-time augmentation for overhead imagery).
     """
     method.eval()
-    if image_feats is None:
-        image_feats, _ = image_features(
-            method, corpus, batch_size=batch_size, device=device, num_workers=num_workers, on_error=on_error,
-            progress=progress,
-        )  # fmt: skip
+    if image_feats is not None:
+        img = embed_from_features(method.encode_image, image_feats, device=device)
+    else:
+        per_view = []
+        for view in views:
+            feats, _ = image_features(
+                method, corpus, view=view, batch_size=batch_size, device=device, num_workers=num_workers,
+                on_error=on_error, progress=progress,
+            )  # fmt: skip
+            per_view.append(embed_from_features(method.encode_image, feats, device=device))
+        img = average_views(per_view)
     if text_feats is None:
         text_feats = text_features(method, corpus.captions, device=device)
-    img = embed_from_features(method.encode_image, image_feats, device=device)
     txt = embed_from_features(method.encode_text, text_feats, device=device)
     return img, txt
 
@@ -234,17 +284,29 @@ def evaluate_embeddings(
     ties: TiePolicy = "pessimistic",
     rerank: str = "none",
     rerank_params: dict[str, Any] | None = None,
+    bank: tuple[Tensor | np.ndarray, Tensor | np.ndarray] | None = None,
 ) -> RetrievalMetrics:
-    """Protocol metrics of precomputed embeddings on ``corpus`` (any captions per image)."""
-    img_np = img.numpy() if isinstance(img, Tensor) else img
-    txt_np = txt.numpy() if isinstance(txt, Tensor) else txt
-    scores = img_np.astype(np.float64) @ txt_np.astype(np.float64).T
+    """Protocol metrics of precomputed embeddings on ``corpus`` (any captions per image).
+
+    ``bank`` = (bank image embeddings, bank caption embeddings), e.g. of the training split,
+    is the query bank of a non-transductive reranker (``qb-norm``).
+    """
+    img_np = _np64(img)
+    txt_np = _np64(txt)
+    scores = img_np @ txt_np.T
     rel = Relevance.from_image_captions(corpus.image_captions, corpus.num_captions)
-    out = apply_rerank(scores, rerank, **(rerank_params or {}))
+    qbank = None
+    if bank is not None:
+        qbank = QueryBank(text=_np64(bank[1]) @ img_np.T, image=_np64(bank[0]) @ txt_np.T)
+    out = apply_rerank(scores, rerank, bank=qbank, **(rerank_params or {}))
     metrics = evaluate_scores(out.i2t, rel, ties, t2i_scores=out.t2i, rerank=rerank, keep_ranks=True)
     if rerank != "none":
-        metrics.extra["transductive"] = True
+        metrics.extra["transductive"] = get_reranker(rerank).transductive
     return metrics
+
+
+def _np64(x: Tensor | np.ndarray) -> np.ndarray:
+    return (x.numpy() if isinstance(x, Tensor) else np.asarray(x)).astype(np.float64)
 
 
 def evaluate_corpus(
@@ -255,6 +317,7 @@ def evaluate_corpus(
     rerank: str = "none",
     rerank_params: dict[str, Any] | None = None,
     itm_rescore: int = 0,
+    bank_corpus: RetrievalCorpus | None = None,
     **embed_kwargs: Any,
 ) -> tuple[RetrievalMetrics, RetrievalCorpus, Tensor, Tensor]:
     """Embed ``corpus`` with ``method`` and compute the protocol metrics.
@@ -263,7 +326,8 @@ def evaluate_corpus(
     data layer's evaluation policy says; the report counts them. With ``itm_rescore`` = k > 0,
     each query's top-k dual-stream candidates are re-scored by the method's ITM head
     (ALBEF-style, ``method.itm_rescore``) instead of ``rerank``: slower, 2·k·(N + M) passes of
-    the multimodal encoder.
+    the multimodal encoder. ``bank_corpus`` (e.g. the training split) is embedded as the query
+    bank of a non-transductive reranker (``qb-norm``); its images use the same views.
 
     Returns:
         ``(metrics, evaluated corpus, image embeddings, caption embeddings)``.
@@ -284,7 +348,13 @@ def evaluate_corpus(
         )
     else:
         img, txt = embed_corpus(method, clean, **embed_kwargs)
-        metrics = evaluate_embeddings(img, txt, clean, ties, rerank, rerank_params)
+        bank = None
+        if rerank != "none" and get_reranker(rerank).needs_bank:
+            if bank_corpus is None:
+                raise ConfigError(f"--rerank {rerank}: needs a query bank split (--query-bank train)")
+            bank_clean = bank_corpus.drop_blank_captions("eval")[0]
+            bank = embed_corpus(method, bank_clean, **{**embed_kwargs, "progress": None})
+        metrics = evaluate_embeddings(img, txt, clean, ties, rerank, rerank_params, bank=bank)
     metrics.extra.update(
         n_images=clean.num_images,
         n_captions=clean.num_captions,

@@ -1,7 +1,9 @@
 """Rerankers: functions from a score matrix to reranked i2t and t2i score matrices.
 
-Every reranker here is *transductive*: it looks at the whole query set (reverse retrieval or
-normalisation over all other queries), and every report that uses one says so.
+Most rerankers here are *transductive*: they look at the whole query set (reverse retrieval or
+normalisation over all other queries), and every report that uses one says so. ``qb-norm`` is
+not: it normalises with a fixed *query bank* (training captions and images), so each test query
+is scored alone (``RerankerSpec.transductive`` is False for it).
 
 Conventions shared by all of them: ``S`` is (n_images, n_captions), higher is more similar.
 The i2t matrix is reranked row-wise; the t2i matrix is the same function applied to ``Sᵀ``
@@ -50,18 +52,37 @@ class RerankerSpec:
     fn: Callable[..., Reranked]
     params: type
     transductive: bool = True
+    needs_bank: bool = False
+
+
+@dataclass(frozen=True)
+class QueryBank:
+    """Scores of a fixed bank of queries against the test gallery (for ``qb-norm``).
+
+    Attributes:
+        text: (n_bank_captions, n_images): training captions scored against the test images
+            (the t2i bank).
+        image: (n_bank_images, n_captions): training images scored against the test captions
+            (the i2t bank), or ``None`` to leave i2t unnormalised.
+    """
+
+    text: np.ndarray
+    image: np.ndarray | None = None
 
 
 _RERANKERS: dict[str, RerankerSpec] = {}
 
 
-def register_reranker(name: str, params: type) -> Callable[[Callable[..., Reranked]], Callable]:
-    """Register ``fn(S, params) -> Reranked`` under ``name``; duplicate names raise."""
+def register_reranker(
+    name: str, params: type, transductive: bool = True, needs_bank: bool = False
+) -> Callable[[Callable[..., Reranked]], Callable]:
+    """Register ``fn(S, params) -> Reranked`` (``fn(S, params, bank)`` when ``needs_bank``)
+    under ``name``; duplicate names raise."""
 
     def deco(fn: Callable[..., Reranked]) -> Callable[..., Reranked]:
         if name in _RERANKERS:
             raise ValueError(f"reranker {name!r} is already registered")
-        _RERANKERS[name] = RerankerSpec(name, fn, params)
+        _RERANKERS[name] = RerankerSpec(name, fn, params, transductive, needs_bank)
         return fn
 
     return deco
@@ -99,24 +120,41 @@ def make_params(name: str, **overrides: Any) -> Any:
     return spec.params(**given)
 
 
-def rerank(scores: np.ndarray, name: str, params: Any = None, **overrides: Any) -> Reranked:
+def rerank(
+    scores: np.ndarray, name: str, params: Any = None, bank: QueryBank | None = None, **overrides: Any
+) -> Reranked:
     """Apply reranker ``name`` to ``scores``.
 
     Args:
         scores: (n_images, n_captions) score matrix.
         name: a registered reranker name, or ``"none"``.
         params: its parameter dataclass; built from ``overrides`` when omitted.
+        bank: the query bank of a non-transductive reranker (``qb-norm``).
         **overrides: parameter values (``None`` keeps the default).
 
     Returns:
         The reranked i2t and t2i matrices.
+
+    Raises:
+        ConfigError: a reranker that needs a query bank without one, or a bank of wrong shape.
     """
     if name == "none":
         return Reranked(scores, scores)
     spec = get_reranker(name)
     if params is None:
         params = make_params(name, **overrides)
-    return spec.fn(scores, params)
+    if not spec.needs_bank:
+        return spec.fn(scores, params)
+    if bank is None:
+        raise ConfigError(f"rerank {name}: needs a query bank (training captions and images, scored)")
+    n, c = scores.shape
+    if bank.text.ndim != 2 or bank.text.shape[1] != n:
+        raise ConfigError(f"rerank {name}: bank text scores: shape {bank.text.shape}, need (*, {n})")
+    if bank.image is not None and (bank.image.ndim != 2 or bank.image.shape[1] != c):
+        raise ConfigError(
+            f"rerank {name}: query bank image scores have shape {bank.image.shape}, need (*, {c})"
+        )
+    return spec.fn(scores, params, bank)
 
 
 def _check_k(k: int, m: np.ndarray, direction: str) -> None:
@@ -525,3 +563,61 @@ def inverted_softmax(scores: np.ndarray, p: InvertedSoftmaxParams) -> Reranked:
             col_sum = buf[: z.shape[0] + 1].sum(axis=0)
     i2t -= col_max + np.log(col_sum)  # type: ignore[arg-type]
     return Reranked(i2t, t2i)
+
+
+# --- QB-Norm with dynamic inverted softmax (Bogolin et al., CVPR 2022): non-transductive ---
+
+
+@dataclass(frozen=True)
+class QBNormParams:
+    """QB-Norm's inverse temperature β (default 20) and activation top-k (default 1)."""
+
+    beta: float = 20.0
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+
+
+def dynamic_inverted_softmax(queries: np.ndarray, bank: np.ndarray, beta: float, k: int) -> np.ndarray:
+    """Dynamic inverted softmax (QB-Norm Eq. 4-5) of (n_queries, n_gallery) scores.
+
+    A gallery item is *activated* when it is among the top-``k`` of some bank query (a hub).
+    A query whose top-1 item is activated gets ``β·s(q, g) − log Σ_b exp(β·s(b, g))`` over the
+    bank queries b; any other query keeps its raw scores. Each row depends only on itself and
+    the bank, never on the other test queries.
+    """
+    q = queries.astype(np.float64)
+    b = bank.astype(np.float64) * beta
+    n_gallery = q.shape[1]
+    k = min(k, n_gallery)
+    active = np.zeros(n_gallery, dtype=bool)
+    if k < n_gallery:
+        active[np.argpartition(-b, k - 1, axis=1)[:, :k].reshape(-1)] = True
+    else:
+        active[:] = len(b) > 0
+    mx = b.max(axis=0)
+    lse = mx + np.log(np.exp(b - mx).sum(axis=0))  # (n_gallery,)
+    hit = active[q.argmax(axis=1)]
+    out = q.copy()
+    out[hit] = beta * q[hit] - lse
+    return out
+
+
+@register_reranker("qb-norm", QBNormParams, transductive=False, needs_bank=True)
+def qb_norm(scores: np.ndarray, p: QBNormParams, bank: QueryBank) -> Reranked:
+    """QB-Norm with dynamic inverted softmax and a fixed query bank (non-transductive).
+
+    t2i: caption queries over test images, normalised by the bank of training captions; i2t:
+    image queries over test captions, normalised by the bank of training images (raw when the
+    bank has none).
+    """
+    t2i = dynamic_inverted_softmax(scores.T, bank.text, p.beta, p.k).T
+    if bank.image is None:
+        i2t = scores.astype(np.float64)
+    else:
+        i2t = dynamic_inverted_softmax(scores, bank.image, p.beta, p.k)
+    return Reranked(np.ascontiguousarray(i2t), np.ascontiguousarray(t2i))

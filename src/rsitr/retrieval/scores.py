@@ -34,15 +34,13 @@ def load_scores(path: str | Path, mmap: bool = True) -> np.ndarray:
     return arr
 
 
-def scores_from_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine score matrix and ground truth of an ``rsitr embed`` archive (``.npz``, no pickle).
-
-    Returns:
-        ``(scores, caption_to_image)``: (n_images, n_captions) float64 ``image_embeddings @
-        text_embeddingsᵀ`` and the (n_captions,) image of each caption.
+def load_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image_embeddings, text_embeddings, caption_to_image)`` of an ``rsitr embed`` archive,
+    the embeddings as float64.
 
     Raises:
-        DataError: the file is missing or unreadable, or lacks one of the three arrays.
+        DataError: the file is missing or unreadable, lacks one of the three arrays, or their
+            shapes disagree.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,9 +58,23 @@ def scores_from_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             f"inconsistent shapes: images {img.shape}, captions {txt.shape}, caption_to_image {c2i.shape}",
             path=path,
         )
-    scores = img.astype(np.float64) @ txt.astype(np.float64).T
+    return img.astype(np.float64), txt.astype(np.float64), c2i.astype(np.int64)
+
+
+def scores_from_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine score matrix and ground truth of an ``rsitr embed`` archive (``.npz``, no pickle).
+
+    Returns:
+        ``(scores, caption_to_image)``: (n_images, n_captions) float64 ``image_embeddings @
+        text_embeddingsᵀ`` and the (n_captions,) image of each caption.
+
+    Raises:
+        DataError: the file is missing or unreadable, or lacks one of the three arrays.
+    """
+    img, txt, c2i = load_embeddings(path)
+    scores = img @ txt.T
     validate_scores(scores, name=str(path))
-    return scores, c2i.astype(np.int64)
+    return scores, c2i
 
 
 def save_scores(path: str | Path, scores: np.ndarray) -> None:

@@ -36,6 +36,10 @@ class DataConfig:
             image in the batch counts in the losses: ``negative`` (the field's convention: only
             the captions of the same image are positives) or ``positive`` (it describes this
             image too, so it is not pushed away).
+        carve_from: a Karpathy JSON to carve ``source`` from when ``source`` does not exist yet
+            (``rsitr data split carve_from --profile carve_profile --seed carve_seed --out
+            source``): the split is derived by a rerunnable recipe, not shipped as a file.
+        carve_profile / carve_seed: the target profile and seed of that split.
     """
 
     source: str = ""
@@ -51,6 +55,9 @@ class DataConfig:
     on_error: Literal["skip", "fail"] = "skip"
     max_train_images: int | None = None
     duplicate_captions: Literal["negative", "positive"] = "negative"
+    carve_from: str | None = None
+    carve_profile: str = "rsicd-test"
+    carve_seed: int = 0
 
 
 @dataclass

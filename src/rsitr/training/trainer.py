@@ -25,12 +25,14 @@ import yaml
 from torch import Tensor
 
 from rsitr.data.corpus import RetrievalCorpus
-from rsitr.errors import ConfigError
+from rsitr.data.loading import load_corpus
+from rsitr.errors import ConfigError, RsitrError
 from rsitr.models import create_method
 from rsitr.models.encoders.base import trim_padding
 from rsitr.models.methods.base import RetrievalMethod
 from rsitr.models.registry import get_method_class
 from rsitr.retrieval.embed import (
+    average_views,
     embed_from_features,
     evaluate_embeddings,
     evaluate_method,
@@ -126,6 +128,7 @@ class Trainer:
         self.show_progress = show_progress and self.dist.is_main
         self.out = Path(cfg.out_dir)
         self.history: list[dict[str, Any]] = []
+        self._scopes: dict[str, RetrievalCorpus | None] = {}
 
     # --- setup -------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -139,8 +142,28 @@ class Trainer:
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self.tb.add_scalar(k, v, step)
 
+    def _carve_if_needed(self) -> None:
+        """Write ``data.source`` from ``data.carve_from`` when it does not exist (rank 0 first)."""
+        d = self.cfg.data
+        if not d.carve_from or Path(d.source).exists():
+            return
+        if self.dist.is_main:
+            from rsitr.data.splitting import PROFILES, make_split
+
+            if d.carve_profile not in PROFILES:
+                raise ConfigError(f"data.carve_profile: unknown profile {d.carve_profile!r}")
+            if not d.images:
+                raise ConfigError("data.images: needed to carve a split (pHash of every image)")
+            path, res = make_split(
+                d.carve_from, d.images, PROFILES[d.carve_profile], profile_name=d.carve_profile,
+                labels=d.labels, seed=d.carve_seed, out=d.source,
+            )  # fmt: skip
+            logger.info("data: carved %s (%d val images, profile %s)", path, len(res.val), d.carve_profile)
+        barrier()
+
     def _build_data(self) -> None:
         cfg = self.cfg
+        self._carve_if_needed()
         train = load_split(cfg, cfg.data.train_split)
         if cfg.data.max_train_images is not None and cfg.data.max_train_images < train.num_images:
             rng = np.random.default_rng(cfg.seed)
@@ -187,12 +210,52 @@ class Trainer:
         assert out is not None
         return out
 
+    def _cache_scope(self, corpus: RetrievalCorpus) -> tuple[RetrievalCorpus, np.ndarray, np.ndarray]:
+        """The corpus whose frozen features are cached, and where ``corpus`` sits in it.
+
+        Features are cached for every image and caption of the source file (all its splits), so a
+        re-split of the same data (``rsitr data split``) reuses them. Falls back to ``corpus``
+        itself when the whole source cannot be read or does not hold every image of it.
+
+        Returns:
+            ``(scope, image_rows, caption_rows)``: rows of ``corpus``'s images and captions in
+            ``scope``.
+        """
+        own = (corpus, np.arange(corpus.num_images), np.arange(corpus.num_captions))
+        d = self.cfg.data
+        key = corpus.source
+        if key not in self._scopes:
+            try:
+                self._scopes[key] = load_corpus(corpus.source, fmt=d.format, images=d.images, labels=d.labels)
+            except RsitrError:
+                self._scopes[key] = None
+        scope = self._scopes[key]
+        if scope is None or scope.num_images < corpus.num_images:
+            return own
+        row_of = {im.filename: i for i, im in enumerate(scope.images)}
+        rows = np.array([row_of.get(im.filename, -1) for im in corpus.images], dtype=np.int64)
+        if (rows < 0).any():
+            return own
+        caption_rows = np.empty(corpus.num_captions, dtype=np.int64)
+        for i, caps in zip(rows, corpus.image_captions, strict=True):
+            free: dict[str, list[int]] = {}
+            for c in scope.image_captions[i]:
+                free.setdefault(scope.captions[c], []).append(c)
+            for c in caps:
+                hits = free.get(corpus.captions[c])
+                if not hits:
+                    return own
+                caption_rows[c] = hits.pop(0)
+        return scope, rows, caption_rows
+
     def _features(self, corpus: RetrievalCorpus, views: tuple[str, ...], role: str) -> FeatureSet:
         """Frozen features of ``corpus`` from the cache (computed once, rank 0 first)."""
         m = self.method
         cache = FeatureCache(self.cfg.cache.dir)
         size = self.cfg.data.image_size or m.image_encoder.image_size
         base = {"method": m.name, "hook": type(m).__qualname__, "image_size": size, **m.cache_identity()}
+        scope, rows, caption_rows = self._cache_scope(corpus)
+        rows_t, caption_rows_t = torch.from_numpy(rows), torch.from_numpy(caption_rows)
         out_views = []
         valid = torch.ones(corpus.num_images, dtype=torch.bool)
         for view in views:
@@ -200,32 +263,32 @@ class Trainer:
                 **base,
                 "encoder": m.image_encoder.identity(),
                 "view": view,
-                "data": data_fingerprint(corpus),
+                "data": data_fingerprint(scope),
             }
 
             def compute(s: int, e: int, view: str = view) -> tuple[dict[str, Tensor], Tensor]:
                 return image_features(
-                    m, corpus, view=view, batch_size=self.cfg.cache.batch_size, device=self.device,
+                    m, scope, view=view, batch_size=self.cfg.cache.batch_size, device=self.device,
                     num_workers=self.cfg.num_workers, on_error=self.cfg.data.on_error, image_size=size,
                     start=s, stop=e,
                 )  # fmt: skip
 
             with self._progress(f"{role} images [{view}]") as bar:
-                task = bar.add_task("", total=corpus.num_images)
-                feats, ok = self._rank0_first(cache, payload, corpus.num_images, compute, bar, task)
-            out_views.append(feats)
-            valid &= ok
-        payload = {**base, "encoder": m.text_encoder.identity(), "text": text_fingerprint(corpus.captions)}
+                task = bar.add_task("", total=scope.num_images)
+                feats, ok = self._rank0_first(cache, payload, scope.num_images, compute, bar, task)
+            out_views.append({k: v[rows_t] for k, v in feats.items()})
+            valid &= ok[rows_t]
+        payload = {**base, "encoder": m.text_encoder.identity(), "text": text_fingerprint(scope.captions)}
 
         def compute_text(s: int, e: int) -> tuple[dict[str, Tensor], Tensor]:
-            f = text_features(m, corpus.captions[s:e], device=self.device)
+            f = text_features(m, scope.captions[s:e], device=self.device)
             return f, torch.ones(e - s, dtype=torch.bool)
 
         with self._progress(f"{role} captions") as bar:
-            task = bar.add_task("", total=corpus.num_captions)
+            task = bar.add_task("", total=scope.num_captions)
             text_cache = FeatureCache(self.cfg.cache.dir, shard_size=8192)
-            text, _ = self._rank0_first(text_cache, payload, corpus.num_captions, compute_text, bar, task)
-        return FeatureSet(out_views, valid, text)
+            text, _ = self._rank0_first(text_cache, payload, scope.num_captions, compute_text, bar, task)
+        return FeatureSet(out_views, valid, {k: v[caption_rows_t] for k, v in text.items()})
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -333,6 +396,35 @@ class Trainer:
             on_error=self.cfg.data.on_error,
         )  # fmt: skip
 
+    def _val_extras(self) -> dict[str, Any]:
+        """The best checkpoint's val metrics with test-time views (the cached views averaged) and
+        with non-transductive QB-Norm (query bank: the training captions and images)."""
+        assert self._best_state is not None and self.train_feats is not None
+        self.method.load_state_dict(self._best_state)
+        self.method.eval()
+        views = tuple(self.cfg.cache.views)
+        val = self._features(self.val_corpus, views, "val")
+        enc_img, enc_txt = self.method.encode_image, self.method.encode_text
+        per_view = [embed_from_features(enc_img, f, device=self.device) for f in val.image_views]
+        txt = embed_from_features(enc_txt, val.text, device=self.device)
+        bank = (
+            embed_from_features(enc_img, self.train_feats.image_views[0], device=self.device),
+            embed_from_features(enc_txt, self.train_feats.text, device=self.device),
+        )
+        out: dict[str, Any] = {"tta_views": list(views)}
+        for name, img in (("plain", per_view[0]), ("tta", average_views(per_view))):
+            for rerank in ("none", "qb-norm"):
+                m = evaluate_embeddings(
+                    img, txt, self.val_corpus, self.cfg.ties, rerank, bank=bank if rerank != "none" else None
+                )
+                key = name if rerank == "none" else f"{name}+qb-norm"
+                out[key] = {"mR": round(m.mR, 2), "i2t": m.i2t, "t2i": m.t2i}
+        logger.info(
+            "best checkpoint on val: mR %.2f, with test-time views %.2f, QB-Norm %.2f, both %.2f",
+            out["plain"]["mR"], out["tta"]["mR"], out["plain+qb-norm"]["mR"], out["tta+qb-norm"]["mR"],
+        )  # fmt: skip
+        return out
+
     # --- main loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train, validate every ``eval_every`` epochs, checkpoint; returns the summary."""
@@ -421,6 +513,7 @@ class Trainer:
         )
         start_epoch, step, best = 0, 0, -math.inf
         best_epoch = -1
+        self._best_state: dict[str, Tensor] | None = None
         last_dir, best_dir = self.out / "last", self.out / "best"
         if self.resume and (last_dir / "state.json").exists():
             state = load_training_state(last_dir, self.method, optimizer)
@@ -483,6 +576,7 @@ class Trainer:
                 score = metrics.mR if cfg.select_metric == "mR" else _lookup(rec.val, cfg.select_metric)
                 if score > best and self.dist.is_main:
                     best, best_epoch = score, epoch + 1
+                    self._best_state = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
                     save_checkpoint(
                         best_dir, self.method, None, {"epoch": epoch + 1, "val": rec.val}, config_yaml
                     )
@@ -522,6 +616,8 @@ class Trainer:
             "trainable_params": self.n_trainable,
             "total_params": self.n_params,
         }
+        if self.dist.is_main and self.train_feats is not None and self._best_state is not None:
+            summary["best_val_extras"] = self._val_extras()
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         if self.tb is not None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rsitr.errors import ConfigError, DataError
+from rsitr.retrieval.embed import apply_view, average_views, parse_views
 from rsitr.retrieval.index.identity import check_identity, checkpoint_identity, file_sha256
 from rsitr.retrieval.index.ingest import Ingested, ingest_file
 from rsitr.retrieval.index.layout import (
@@ -112,10 +113,14 @@ def _check_same(store: MetadataStore, key: str, value: Any, out: Path, hint: str
         raise ConfigError(f"{out}: the index has {key} {stored!r}, not {value!r}; {hint}")
 
 
-def _embed_batch(method: Any, batch: list[Ingested], device: torch.device) -> np.ndarray:
+def _embed_batch(
+    method: Any, batch: list[Ingested], device: torch.device, views: tuple[str, ...] = ("identity",)
+) -> np.ndarray:
+    """Image embeddings of a batch, averaged over the test-time ``views`` (see ``--tta``)."""
     x = torch.stack([b.image for b in batch if b.image is not None]).to(device)
     with torch.no_grad():
-        return method.encode_image(images=x).float().cpu().numpy()
+        per_view = [method.encode_image(images=apply_view(x, v)).float().cpu() for v in views]
+    return average_views(per_view).numpy()
 
 
 def _diff(
@@ -172,6 +177,7 @@ def _embed_files(
     device: str | torch.device,
     report: BuildReport,
     progress: Progress | None,
+    views: tuple[str, ...] = ("identity",),
 ) -> None:
     """Embed ``files`` batch by batch; each batch's rows, vectors and failures are committed
     together, which is what makes a build resumable."""
@@ -187,7 +193,7 @@ def _embed_files(
             batch = list(pool.map(lambda st: ingest_file(root, st, transform), chunk))
             ok = [b for b in batch if b.metadata is not None]
             failed = [b for b in batch if b.metadata is None]
-            vecs = _embed_batch(method, ok, dev) if ok else None
+            vecs = _embed_batch(method, ok, dev, views) if ok else None
             with store.transaction():
                 if ok:
                     store.add_images([b.metadata for b in ok], vecs, gen)  # type: ignore[misc, arg-type]
@@ -266,6 +272,7 @@ def build_index(
     device: str | torch.device = "cpu",
     workers: int = 2,
     progress: Progress | None = None,
+    tta: str | tuple[str, ...] | None = None,
 ) -> BuildReport:
     """Build or update the index of an image archive.
 
@@ -281,6 +288,8 @@ def build_index(
         device: where the model runs.
         workers: threads that decode and hash files.
         progress: called as ``progress(done, total)`` after each embedded batch.
+        tta: test-time views averaged into each image embedding (``flips``, ``d4`` or a list);
+            recorded in the index, which then refuses another setting.
 
     Returns:
         The :class:`BuildReport` (also written to ``build_report.json``).
@@ -301,6 +310,7 @@ def build_index(
         raise DataError("not a folder of images", path=images)
     out = Path(out)
     shard = shard if isinstance(shard, ShardSpec) else ShardSpec.parse(shard)
+    views = parse_views(tta)
     identity = checkpoint_identity(checkpoint)
     _check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +325,7 @@ def build_index(
                 check_identity(stored_identity, identity, out)
             _check_same(store, "root", str(root), out, "index that folder, or choose a new --out")
             _check_same(store, "shard", str(shard), out, "use the same --shard, or choose a new --out")
+            _check_same(store, "tta", ",".join(views), out, "use the same --tta, or choose a new --out")
             stored_cfg = store.get_info("vector_config")
             cfg = vector_config or (
                 VectorIndexConfig.from_dict(stored_cfg) if stored_cfg else VectorIndexConfig()
@@ -349,7 +360,8 @@ def build_index(
             if to_embed:
                 assert method is not None
                 _embed_files(
-                    method, root, to_embed, store, gen, batch_size, workers, device, report, progress
+                    method, root, to_embed, store, gen, batch_size, workers, device, report, progress,
+                    views,
                 )
             report.added, report.removed = store.pending_changes(gen)
             changed = (
