@@ -117,3 +117,31 @@ def test_sydney_karpathy_splits(formats_dir: Path) -> None:
     sizes = {s: load_corpus(src, split=s).num_images for s in ("train", "val", "test")}
     assert sizes == {"train": 497, "val": 58, "test": 58}
     assert load_corpus(src).num_captions == 613 * 5
+
+
+def test_rsicd_random_val_profile(rsicd_dir: Path) -> None:
+    """The shared val was carved at random: its profile is far from the RSICD test split's."""
+    r = check_corpus(rsicd_dir / "dataset_rsicd.json", split="val")
+    p = r["profile"]
+    assert p["reference"] == "train split"
+    assert p["identical_fraction"] == pytest.approx(0.508, abs=0.001)
+    assert p["distinct_per_image"] == pytest.approx(2.08, abs=0.005)
+    assert p["verbatim_overlap"] == pytest.approx(0.393, abs=0.001)
+
+
+@pytest.mark.slow
+def test_rsicd_test_like_split(rsicd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`rsitr data split --profile rsicd-test` carves a val whose profile is the test split's."""
+    out = tmp_path / "split.json"
+    args = ["data", "split", str(rsicd_dir / "dataset_rsicd.json"), "--images", str(rsicd_dir / "images"),
+            "--labels", str(rsicd_dir / "labels.csv"), "--out", str(out), "--json"]  # fmt: skip
+    assert run(args) == 0
+    got = json.loads(capsys.readouterr().out)["val_profile"]
+    assert got["n_images"] == 1093
+    assert got["distinct_per_image"] == pytest.approx(3.31, abs=0.02)
+    assert got["identical_fraction"] <= 0.003
+    assert got["verbatim_overlap"] == pytest.approx(0.111, abs=0.006)
+    val = load_corpus(out, split="val")
+    assert min(len({normalise(val.captions[c]) for c in caps}) for caps in val.image_captions) >= 3
+    train = load_corpus(out, split="train")
+    assert train.num_images == 8735 and not set(train.filenames()) & set(val.filenames())

@@ -265,3 +265,30 @@ def test_build_refuses_a_folder_that_is_not_an_index(assets: SearchAssets, tmp_p
         build_index(assets.archive, assets.ckpt, tmp_path / "mine")
     with pytest.raises(DataError, match="not a folder"):
         build_index(tmp_path / "nowhere", assets.ckpt, tmp_path / "index")
+
+
+def test_tta_embeddings_are_the_view_average_and_the_setting_is_recorded(
+    assets: SearchAssets, tmp_path: Path
+) -> None:
+    import torch
+
+    from rsitr.data import load_image
+    from rsitr.data.transforms import EvalTransform
+    from rsitr.models.checkpoint import load_method
+    from rsitr.retrieval.embed import apply_view
+
+    files = sorted(assets.archive.glob("*.jpg"))[:3]
+    out = tmp_path / "tta"
+    build_index(assets.archive, assets.ckpt, out, files=files, tta="flips")
+    method = load_method(assets.ckpt)
+    enc = method.image_encoder
+    x = torch.stack([EvalTransform(enc.image_size, enc.mean, enc.std)(load_image(f)) for f in files])
+    views = [method.encode_image(images=apply_view(x, v)) for v in ("identity", "hflip", "vflip")]
+    want = torch.nn.functional.normalize(sum(views), dim=-1).numpy()
+    with Index.open(out, assets.ckpt, load_model=False) as ix:
+        for i, f in enumerate(files):
+            hit = ix.search_vectors(want[i : i + 1].astype(np.float32), k=1)[0][0]
+            assert hit.name == f.name and hit.score == pytest.approx(1.0, abs=1e-5)
+    assert not np.allclose(views[0].numpy(), want, atol=1e-3)  # the views do differ
+    with pytest.raises(ConfigError, match="tta"):
+        build_index(assets.archive, assets.ckpt, out, files=files)  # another setting: refused

@@ -36,6 +36,10 @@ class DataConfig:
             image in the batch counts in the losses: ``negative`` (the field's convention: only
             the captions of the same image are positives) or ``positive`` (it describes this
             image too, so it is not pushed away).
+        caption_sampling: which training pairs an epoch visits: ``caption`` (every caption, the
+            field's convention), ``distinct`` (each distinct caption text of an image once: an
+            RSICD image with five identical captions counts once, not five times) or ``image``
+            (one random caption per image per epoch).
         carve_from: a Karpathy JSON to carve ``source`` from when ``source`` does not exist yet
             (``rsitr data split carve_from --profile carve_profile --seed carve_seed --out
             source``): the split is derived by a rerunnable recipe, not shipped as a file.
@@ -55,6 +59,7 @@ class DataConfig:
     on_error: Literal["skip", "fail"] = "skip"
     max_train_images: int | None = None
     duplicate_captions: Literal["negative", "positive"] = "negative"
+    caption_sampling: Literal["caption", "distinct", "image"] = "caption"
     carve_from: str | None = None
     carve_profile: str = "rsicd-test"
     carve_seed: int = 0

@@ -311,11 +311,25 @@ class Trainer:
         return torch.optim.AdamW(groups, betas=tuple(o.betas))  # type: ignore[arg-type]
 
     # --- batches -------------------------------------------------------------------------------
+    def _sampled_captions(self, usable_img: np.ndarray) -> np.ndarray:
+        """Training caption indices of readable images under ``data.caption_sampling``
+        (``distinct``: the first caption of each distinct text of an image)."""
+        caps = np.flatnonzero(usable_img[self.caption_to_image])
+        if self.cfg.data.caption_sampling != "distinct":
+            return caps
+        text = self.train_corpus.caption_text_ids()
+        key = self.caption_to_image[caps] * (int(text.max()) + 1) + text[caps]
+        _, first = np.unique(key, return_index=True)
+        return np.sort(caps[first])
+
     def _epoch_batches(self, epoch: int, usable: Tensor) -> list[list[Tensor]]:
         """This rank's micro-batches of caption indices: [[micro]*grad_accum per step]."""
         o = self.cfg.optim
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         order = usable[torch.randperm(usable.numel(), generator=g)]
+        if self.cfg.data.caption_sampling == "image":  # the first caption of each image in ``order``
+            _, first = np.unique(self.caption_to_image[order.numpy()], return_index=True)
+            order = order[torch.from_numpy(np.sort(first))]
         global_bs = min(o.batch_size, order.numel())
         n_steps = order.numel() // global_bs
         per_micro = global_bs // (self.dist.world_size * o.grad_accum)
@@ -498,7 +512,7 @@ class Trainer:
             )
             usable_img = np.ones(self.train_corpus.num_images, dtype=bool)
         feature_seconds = time.perf_counter() - t_feat
-        usable = torch.from_numpy(np.flatnonzero(usable_img[self.caption_to_image]))
+        usable = torch.from_numpy(self._sampled_captions(usable_img))
 
         if self.dist.enabled:
             self.method.gather = all_gather_with_grad

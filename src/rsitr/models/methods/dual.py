@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsitr.errors import ConfigError
@@ -44,6 +46,9 @@ class DualConfig:
         learn_temperature: learn τ (CLIP-style, 1/τ ≤ 100).
         margin: triplet margin.
         negatives: triplet negatives, ``hardest`` (VSE++) or ``all``.
+        members: independent head pairs trained side by side on the same batches, each with its
+            own loss; the embedding concatenates the members' unit embeddings / √M, so a score
+            is the mean of the members' cosines (an ensemble in one checkpoint).
     """
 
     image_encoder: str = "efficientnet-lite0"
@@ -63,8 +68,11 @@ class DualConfig:
     learn_temperature: bool = True
     margin: float = 0.2
     negatives: Literal["hardest", "all"] = "hardest"
+    members: int = 1
 
     def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ConfigError(f"model.members must be >= 1, got {self.members}")
         if self.head not in ("linear", "mlp"):
             raise ConfigError(f"model.head: {self.head!r} is not one of linear, mlp")
         if self.loss not in ("infonce", "triplet", "both"):
@@ -122,8 +130,13 @@ class DualEncoder(RetrievalMethod):
         if in_drop is None:
             in_drop = cfg.dropout if cfg.head == "mlp" else 0.0
         head = (cfg.head, cfg.head_hidden, cfg.dropout, in_drop, cfg.input_norm)
-        self.image_head = projection_head(image_encoder.num_features, cfg.embed_dim, *head)
-        self.text_head = projection_head(text_encoder.num_features, cfg.embed_dim, *head)
+        def heads(in_dim: int) -> nn.Module:
+            if cfg.members == 1:
+                return projection_head(in_dim, cfg.embed_dim, *head)
+            return _Members([projection_head(in_dim, cfg.embed_dim, *head) for _ in range(cfg.members)])
+
+        self.image_head = heads(image_encoder.num_features)
+        self.text_head = heads(text_encoder.num_features)
         self.logit_scale = LearnableTemperature(cfg.temperature)
         self.logit_scale.log_scale.requires_grad_(cfg.learn_temperature)
 
@@ -141,13 +154,24 @@ class DualEncoder(RetrievalMethod):
 
     def losses(self, img: Tensor, txt: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``infonce_loss`` (multi-positive, Eq. of HarMA/PIR) and/or ``triplet_loss`` (VSE++)."""
-        sim = img @ txt.T
+        m = self.cfg.members
         pos = batch_positives(batch)
         out: dict[str, Tensor] = {}
         scale = self.logit_scale()
+        # member k's cosines: its (unit · √M) slices of the concatenated embeddings
+        sims = [a @ b.T * m for a, b in zip(img.chunk(m, dim=1), txt.chunk(m, dim=1), strict=True)]
         if self.cfg.loss in ("infonce", "both"):
-            out["infonce_loss"] = multi_positive_infonce(sim * scale, pos)
+            out["infonce_loss"] = sum(multi_positive_infonce(s * scale, pos) for s in sims) / m
         if self.cfg.loss in ("triplet", "both"):
-            out["triplet_loss"] = hinge_triplet(sim, pos, self.cfg.margin, self.cfg.negatives)
+            c = self.cfg
+            out["triplet_loss"] = sum(hinge_triplet(s, pos, c.margin, c.negatives) for s in sims) / m
         out["logit_scale"] = scale.detach()
         return out
+
+
+class _Members(nn.ModuleList):
+    """M projection heads: the concatenation of their unit outputs, divided by √M."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [F.normalize(head(x), dim=-1) for head in self]
+        return torch.cat(outs, dim=-1) / len(outs) ** 0.5
