@@ -84,12 +84,17 @@ def check_cmd(
         str | None, typer.Option("--dataset", help="Dataset for scene rules (ucm, rsitmd, ...).")
     ] = None,
     deep: Annotated[bool, typer.Option("--deep", help="Decode every image (needs --images).")] = False,
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", help="Training data for the profile's verbatim overlap (default: train split)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Check a caption dataset; exit 0 when usable (warnings allowed), 2 when not."""
     report = check_corpus(
-        source, split=split, fmt=fmt, images=images, labels=labels, deep=deep, dataset=dataset
-    )
+        source, split=split, fmt=fmt, images=images, labels=labels, deep=deep, dataset=dataset,
+        reference=reference,
+    )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -115,6 +120,9 @@ def split_cmd(
     identical: Annotated[float | None, typer.Option("--identical", help="Share of images, 0-1.")] = None,
     overlap: Annotated[float | None, typer.Option("--overlap", help="Share of captions in train.")] = None,
     min_distinct: Annotated[int | None, typer.Option("--min-distinct", help="Eligibility.")] = None,
+    block_size: Annotated[
+        int | None, typer.Option("--block-size", help="Runs of N consecutive file numbers stay together; 0: off.")
+    ] = None,
     phash_distance: Annotated[int, typer.Option("--phash-distance", help="Near-duplicate bits.")] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out: Annotated[Path | None, typer.Option("--out", help="Output JSON (default: next to SOURCE).")] = None,
@@ -125,7 +133,7 @@ def split_cmd(
         raise ConfigError(f"--profile: unknown profile {profile!r} (choose {', '.join(PROFILES)}, custom)")
     base = PROFILES.get(profile, SplitTarget())
     given = {"n_images": n_val, "distinct_per_image": distinct, "identical_fraction": identical,
-             "verbatim_overlap": overlap, "min_distinct": min_distinct}  # fmt: skip
+             "verbatim_overlap": overlap, "min_distinct": min_distinct, "block_size": block_size}  # fmt: skip
     target = replace(base, **{k: v for k, v in given.items() if v is not None})
     path, result = make_split(
         source, images, target, profile_name=profile, labels=labels,
@@ -149,5 +157,5 @@ def split_cmd(
     ):
         cells = [getattr(target, key), p[key], tp[key]]
         table.add_row(label, *[f"{100 * v:.1f} %" if pct else f"{v:.2f}" for v in cells])
-    table.add_row("near-duplicate groups (kept on one side)", "", str(result.groups), "")
+    table.add_row("groups kept on one side (number runs, pHash)", "", str(result.groups), "")
     Console().print(table)

@@ -211,28 +211,47 @@ def embed_cmd(
 @app.command("runs")
 def runs_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="Training output folders (each with summary.json).")],
+    seeds: Annotated[
+        bool, typer.Option("--seeds", help="Group runs that differ only in seed: mean ± std per figure.")
+    ] = False,
 ) -> None:
-    """Print a Markdown table of finished runs: best val recalls, mR, epoch, parameters, time."""
+    """Print a Markdown table of finished runs: best val recalls, mR, epoch, parameters, time
+    (with ``--seeds``: one row per recipe, mean ± std over its seeds, and the val extras)."""
+    from rsitr.training.runs import RECALLS, group_by_seed, load_run
+
+    runs = []
+    for d in run_dirs:
+        r = load_run(d)
+        if r is None:
+            typer.echo(f"| {d} | (no summary.json: not finished) |")
+        elif not r.summary.get("best_val"):
+            typer.echo(f"| {d} | (no validation) |")
+        else:
+            runs.append(r)
+    if seeds:
+        groups = group_by_seed(runs)
+        extras = sorted({k for g in groups for k in g.mean if k.startswith("mR ")})
+        cols = [f"{d} {r}" for d, r in RECALLS] + ["mR", *extras, "train_seconds"]
+        typer.echo("| runs | seeds | " + " | ".join(c.replace("_seconds", " s") for c in cols) + " |")
+        typer.echo("|" + "---|" * (len(cols) + 2))
+        for g in groups:
+            cells = [
+                f"{g.mean[c]:.2f} ± {g.std[c]:.2f}" if c in g.mean else "-" for c in cols[:-1]
+            ] + [f"{g.mean.get('train_seconds', float('nan')):.0f}"]
+            names = ", ".join(str(r.path) for r in g.runs)
+            typer.echo(f"| {names} | {','.join(str(s) for s in g.seeds)} | " + " | ".join(cells) + " |")
+        return
     head = (
         "| run | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR | best epoch | trainable params | train s |"
     )
     typer.echo(head)
     typer.echo("|" + "---|" * (head.count("|") - 1))
-    for d in run_dirs:
-        f = d / "summary.json"
-        if not f.exists():
-            typer.echo(f"| {d} | (no summary.json: not finished) |")
-            continue
-        s = json.loads(f.read_text())
-        v = s.get("best_val") or {}
-        if not v:
-            typer.echo(f"| {d} | (no validation) |")
-            continue
-        rec = [v[k][r] for k in ("i2t", "t2i") for r in ("R@1", "R@5", "R@10")] + [v["mR"]]
-        params = s.get("trainable_params", "?")
+    for r in runs:
+        s = r.summary
+        rec = [r.figures[f"{d} {k}"] for d, k in RECALLS] + [r.figures["mR"]]
         cells = [f"{x:.2f}" for x in rec] + [
             f"{s['best_epoch']}/{s['epochs']}",
-            str(params),
+            str(s.get("trainable_params", "?")),
             str(s["train_seconds"]),
         ]
-        typer.echo(f"| {d} | " + " | ".join(cells) + " |")
+        typer.echo(f"| {r.path} | " + " | ".join(cells) + " |")

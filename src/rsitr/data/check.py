@@ -198,10 +198,17 @@ def _profile(
     fmt: str | None,
     labels: str | Path | None,
     dataset: str | None,
+    reference_source: str | Path | None = None,
 ) -> dict[str, Any]:
-    """:func:`split_profile` of the checked split, against the source's ``train`` split when
-    another split is checked (and against its own other images otherwise)."""
+    """:func:`split_profile` of the checked split, against ``reference_source`` (every image of
+    it) when given, else the source's ``train`` split when another split is checked, else its
+    own other images."""
     reference = None
+    if reference_source is not None:
+        reference = load_corpus(reference_source, labels=labels)
+        out = split_profile(corpus, reference)
+        out["reference"] = str(reference_source)
+        return out
     if split not in (None, "train"):
         try:
             reference = load_corpus(source, split="train", fmt=fmt, labels=labels, dataset=dataset)
@@ -220,6 +227,7 @@ def check_corpus(
     labels: str | Path | None = None,
     deep: bool = False,
     dataset: str | None = None,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Check a caption source and report whether it is usable.
 
@@ -231,6 +239,7 @@ def check_corpus(
         labels: ``labels.csv`` with ``filename,scene``.
         deep: decode every image, reporting ``corrupt_images`` and ``image_summary``.
         dataset: dataset name for the scene rule (``"ucm"``), ``None`` to infer.
+        reference: training data whose captions define the profile's ``verbatim_overlap``.
 
     Returns:
         A JSON-serialisable dict with keys ``source``, ``format``, ``split``, ``n_images``,
@@ -265,7 +274,7 @@ def check_corpus(
         overlap = None
         report["warnings"].append(f"split overlap not checked: {e}")
     report["split_overlap"] = overlap
-    report["profile"] = _profile(corpus, source, split, fmt, labels, dataset)
+    report["profile"] = _profile(corpus, source, split, fmt, labels, dataset, reference)
     if overlap and overlap["images"]:
         report["warnings"].append(
             f"{overlap['images']} image(s) appear in more than one split "
