@@ -99,3 +99,43 @@ def test_members_score_is_the_mean_of_member_cosines() -> None:
     loss.backward()
     for head in (*m.image_head, *m.text_head):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_worddrop_text_view_is_deterministic_and_keeps_the_sentence_shape() -> None:
+    from rsitr.data.text_views import text_view
+
+    caps = ["many green trees are around a large white building with a parking lot .", "two planes ."]
+    a, b = text_view(caps, "worddrop"), text_view(caps, "worddrop")
+    assert a == b and a[1] == "two planes ."  # short captions are kept whole
+    words = a[0].split()
+    assert words[-1] == "." and 4 <= len(words) < len(caps[0].split())
+    assert all(w in caps[0].split() for w in words)
+    assert text_view(caps, "worddrop", offset=7) != a  # another caption index, another draw
+    assert text_view(caps, "identity") == caps
+    with pytest.raises(ValueError, match="unknown text view"):
+        text_view(caps, "synonyms")
+
+
+def test_text_views_are_cached_and_drawn_per_pair(tiny_synth: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    over = _cached(tiny_synth, tmp_path, **{"cache.dir": cache, "cache.text_views": "[identity,worddrop]"})
+    assert run(["train", "configs/quickstart.yaml", *over]) == 0
+    payloads = [json.loads((p / "payload.json").read_text()) for p in cache.iterdir()]
+    assert sorted(p.get("text_view", "-") for p in payloads if "text" in p) == ["-", "worddrop"]
+
+
+def test_runs_seeds_groups_by_recipe(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    for name, seed, lr, mr in (("a0", 0, 1e-3, 30.0), ("a1", 1, 1e-3, 32.0), ("b0", 0, 2e-3, 20.0)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "out_dir": str(d), "optim": {"lr": lr}}))
+        val = {"i2t": {"R@1": mr, "R@5": mr, "R@10": mr}, "t2i": {"R@1": mr, "R@5": mr, "R@10": mr}, "mR": mr}
+        (d / "summary.json").write_text(json.dumps({"best_val": val, "train_seconds": 10.0,
+                                                    "best_val_extras": {"tta": {"mR": mr + 1}}}))  # fmt: skip
+    assert run(["runs", "--seeds", *(str(tmp_path / n) for n in ("a0", "a1", "b0"))]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| /")]
+    assert len(lines) == 2
+    assert "| 0,1 |" in lines[0] and "31.00 ± 1.41" in lines[0] and "32.00 ± 1.41" in lines[0]
+    assert "| 0 |" in lines[1] and "20.00 ± 0.00" in lines[1]

@@ -86,7 +86,7 @@ def check_cmd(
     deep: Annotated[bool, typer.Option("--deep", help="Decode every image (needs --images).")] = False,
     reference: Annotated[
         Path | None,
-        typer.Option("--reference", help="Training data for the profile's verbatim overlap (default: train split)."),
+        typer.Option("--reference", help="Training data for the profile's verbatim overlap."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -121,7 +121,7 @@ def split_cmd(
     overlap: Annotated[float | None, typer.Option("--overlap", help="Share of captions in train.")] = None,
     min_distinct: Annotated[int | None, typer.Option("--min-distinct", help="Eligibility.")] = None,
     block_size: Annotated[
-        int | None, typer.Option("--block-size", help="Runs of N consecutive file numbers stay together; 0: off.")
+        int | None, typer.Option("--block-size", help="Runs of N consecutive file numbers stay on one side.")
     ] = None,
     phash_distance: Annotated[int, typer.Option("--phash-distance", help="Near-duplicate bits.")] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,

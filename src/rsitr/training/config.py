@@ -101,13 +101,17 @@ class CacheConfig:
     Attributes:
         enabled: ``auto`` (when both towers are frozen), ``on`` or ``off``.
         dir: cache folder (keyed by model, preprocessing and data hash).
-        views: cached image views for augmentation: ``identity``, ``hflip``, ``vflip``, ``rot90``.
+        views: cached image views for augmentation: ``identity``, ``hflip``, ``vflip``, ``rot90``
+            (any of :data:`rsitr.retrieval.embed.VIEWS`).
+        text_views: cached caption views for text-side augmentation: ``identity``,
+            ``worddrop`` (see :mod:`rsitr.data.text_views`); each training pair draws one.
         batch_size: images per batch while extracting.
     """
 
     enabled: Literal["auto", "on", "off"] = "auto"
     dir: str = ".cache/rsitr-features"
     views: tuple[str, ...] = ("identity", "hflip")
+    text_views: tuple[str, ...] = ("identity",)
     batch_size: int = 64
 
 

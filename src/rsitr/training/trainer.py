@@ -26,6 +26,7 @@ from torch import Tensor
 
 from rsitr.data.corpus import RetrievalCorpus
 from rsitr.data.loading import load_corpus
+from rsitr.data.text_views import text_view
 from rsitr.errors import ConfigError, RsitrError
 from rsitr.models import create_method
 from rsitr.models.encoders.base import trim_padding
@@ -87,6 +88,7 @@ class FeatureSet:
     image_views: list[dict[str, Tensor]]
     image_valid: Tensor
     text: dict[str, Tensor]
+    text_views: list[dict[str, Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -248,7 +250,13 @@ class Trainer:
                 caption_rows[c] = hits.pop(0)
         return scope, rows, caption_rows
 
-    def _features(self, corpus: RetrievalCorpus, views: tuple[str, ...], role: str) -> FeatureSet:
+    def _features(
+        self,
+        corpus: RetrievalCorpus,
+        views: tuple[str, ...],
+        role: str,
+        text_views: tuple[str, ...] = ("identity",),
+    ) -> FeatureSet:
         """Frozen features of ``corpus`` from the cache (computed once, rank 0 first)."""
         m = self.method
         cache = FeatureCache(self.cfg.cache.dir)
@@ -278,17 +286,22 @@ class Trainer:
                 feats, ok = self._rank0_first(cache, payload, scope.num_images, compute, bar, task)
             out_views.append({k: v[rows_t] for k, v in feats.items()})
             valid &= ok[rows_t]
-        payload = {**base, "encoder": m.text_encoder.identity(), "text": text_fingerprint(scope.captions)}
+        texts = []
+        for tview in text_views:
+            payload = {**base, "encoder": m.text_encoder.identity(), "text": text_fingerprint(scope.captions)}
+            if tview != "identity":
+                payload["text_view"] = tview
 
-        def compute_text(s: int, e: int) -> tuple[dict[str, Tensor], Tensor]:
-            f = text_features(m, scope.captions[s:e], device=self.device)
-            return f, torch.ones(e - s, dtype=torch.bool)
+            def compute_text(s: int, e: int, tview: str = tview) -> tuple[dict[str, Tensor], Tensor]:
+                f = text_features(m, text_view(scope.captions[s:e], tview, offset=s), device=self.device)
+                return f, torch.ones(e - s, dtype=torch.bool)
 
-        with self._progress(f"{role} captions") as bar:
-            task = bar.add_task("", total=scope.num_captions)
-            text_cache = FeatureCache(self.cfg.cache.dir, shard_size=8192)
-            text, _ = self._rank0_first(text_cache, payload, scope.num_captions, compute_text, bar, task)
-        return FeatureSet(out_views, valid, {k: v[caption_rows_t] for k, v in text.items()})
+            with self._progress(f"{role} captions [{tview}]") as bar:
+                task = bar.add_task("", total=scope.num_captions)
+                text_cache = FeatureCache(self.cfg.cache.dir, shard_size=8192)
+                text, _ = self._rank0_first(text_cache, payload, scope.num_captions, compute_text, bar, task)
+            texts.append({k: v[caption_rows_t] for k, v in text.items()})
+        return FeatureSet(out_views, valid, texts[0], texts)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -354,11 +367,21 @@ class Trainer:
         views = torch.randint(self.n_views, (len(caps),), generator=g)  # one random cached view per pair
         return {
             "image_feats": {k: v[views, img_ids].to(self.device) for k, v in self.view_stack.items()},
-            "text_feats": {k: v[caps].to(self.device) for k, v in self.train_feats.text.items()},
+            "text_feats": self._text_batch(caps, g),
             "image_id": img_ids.to(self.device),
             "scene": torch.as_tensor(self.scenes[img_ids.numpy()]).to(self.device),
             **self._text_id(caps),
         }
+
+    def _text_batch(self, caps: Tensor, g: torch.Generator) -> dict[str, Tensor]:
+        """Cached caption features of ``caps``, one random text view per pair."""
+        assert self.train_feats is not None
+        tv = self.train_feats.text_views
+        if len(tv) <= 1:
+            return {k: v[caps].to(self.device) for k, v in self.train_feats.text.items()}
+        pick = torch.randint(len(tv), (len(caps),), generator=g)
+        return {k: torch.stack([t[k][caps] for t in tv])[pick, torch.arange(len(caps))].to(self.device)
+                for k in tv[0]}  # fmt: skip
 
     def _text_id(self, caps: Tensor) -> dict[str, Tensor]:
         """``{"text_id": …}`` (normalised caption text ids) under ``duplicate_captions: positive``."""
@@ -492,7 +515,9 @@ class Trainer:
         t_feat = time.perf_counter()
         self.train_feats = self.val_feats = None
         if use_cache:
-            self.train_feats = self._features(self.train_corpus, tuple(cfg.cache.views), "train")
+            self.train_feats = self._features(
+                self.train_corpus, tuple(cfg.cache.views), "train", tuple(cfg.cache.text_views)
+            )
             self.val_feats = self._features(self.val_corpus, ("identity",), "val")
             usable_img = self.train_feats.image_valid.numpy()
             views = self.train_feats.image_views
