@@ -532,7 +532,7 @@ def make_split(
         "pool_splits": list(pool_splits),
         "seed": seed,
         "phash_distance": phash_distance,
-        "near_duplicate_groups": result.groups,
+        "groups_kept_together": result.groups,
         "achieved": {k: v for k, v in result.profile.items() if k != "scene_mix"},
     }
     val_names = {pool.images[i].filename for i in result.val}

@@ -1,4 +1,4 @@
-"""Image transforms on torch tensors (no torchvision dependency).
+"""Image transforms on torch tensors; the named training pipelines of ``data.augment``.
 
 Both transforms take a PIL image or a ``uint8`` ``(H, W, C)`` array and return a normalised
 ``float32`` ``(C, H, W)`` tensor. Randomness comes from an optional ``torch.Generator``, so a
@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["EvalTransform", "TrainTransform", "normalize", "resize", "to_tensor"]
+__all__ = [
+    "AUGMENTS",
+    "EvalTransform",
+    "TrainTransform",
+    "build_train_transform",
+    "normalize",
+    "resize",
+    "to_tensor",
+]
 
 Size = int | tuple[int, int]
 
@@ -208,3 +216,55 @@ class TrainTransform:
         if self.rot90 and k:
             x = torch.rot90(x, k, dims=(-2, -1))
         return normalize(x.contiguous(), self.mean, self.std)
+
+
+AUGMENTS = ("none", "rs", "crop_flip", "clip")
+"""Named training augmentation pipelines (``data.augment``)."""
+
+
+class _V2Pipeline:
+    """A torchvision.transforms.v2 pipeline on a PIL image or uint8 array → normalised tensor."""
+
+    def __init__(self, steps: list, mean: Sequence[float], std: Sequence[float]) -> None:
+        from torchvision.transforms import v2
+
+        self.pipeline = v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
+                                    v2.Normalize(list(mean), list(std))])  # fmt: skip
+
+    def __call__(
+        self, image: Image.Image | np.ndarray, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        return self.pipeline(image.convert("RGB"))
+
+
+def build_train_transform(
+    name: str, size: Size, mean: Sequence[float], std: Sequence[float]
+) -> EvalTransform | TrainTransform | _V2Pipeline:
+    """The training transform named by ``data.augment``.
+
+    - ``none``: resize only (MSA trains without augmentation);
+    - ``rs``: random resized crop (50–100 %), both flips and 90° turns (:class:`TrainTransform`);
+    - ``crop_flip``: random resized crop of 50–100 % and a horizontal flip (CMPAGL §IV-B);
+    - ``clip``: bicubic resize and RandAugment (HarMA/RDB), from torchvision.transforms.v2.
+
+    Raises:
+        ConfigError: for an unknown name.
+    """
+    from torchvision.transforms import InterpolationMode, v2
+
+    from rsitr.errors import ConfigError
+
+    hw = _pair(size)
+    if name == "none":
+        return EvalTransform(hw, mean, std)
+    if name == "rs":
+        return TrainTransform(hw, mean, std)
+    if name == "crop_flip":
+        return _V2Pipeline([v2.RandomResizedCrop(hw, scale=(0.5, 1.0), antialias=True),
+                            v2.RandomHorizontalFlip()], mean, std)  # fmt: skip
+    if name == "clip":
+        return _V2Pipeline([v2.Resize(hw, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                            v2.RandAugment()], mean, std)  # fmt: skip
+    raise ConfigError(f"data.augment: {name!r} is not one of {', '.join(AUGMENTS)}")

@@ -39,7 +39,8 @@ def build_config(name: str, values: Mapping[str, Any] | None = None) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
-            f"model.{unknown[0]}: unknown option for method {name!r}; known: {', '.join(sorted(known))}"
+            f"model.{unknown[0]}: unknown option for method {name!r}; known: {', '.join(sorted(known))} "
+            "(and positives, read by the trainer)"
         )
     return cls(**values)
 

@@ -40,6 +40,10 @@ class DataConfig:
             field's convention), ``distinct`` (each distinct caption text of an image once: an
             RSICD image with five identical captions counts once, not five times) or ``image``
             (one random caption per image per epoch).
+        augment: training augmentation of raw images (not of cached features, whose views are
+            ``cache.views``): ``none`` (MSA), ``rs`` (random resized crop, flips, 90° turns),
+            ``crop_flip`` (CMPAGL) or ``clip`` (bicubic + RandAugment, HarMA/RDB); see
+            :func:`rsitr.data.transforms.build_train_transform`.
         carve_from: a Karpathy JSON to carve ``source`` from when ``source`` does not exist yet
             (``rsitr data split carve_from --profile carve_profile --seed carve_seed --out
             source``): the split is derived by a rerunnable recipe, not shipped as a file.
@@ -60,6 +64,7 @@ class DataConfig:
     max_train_images: int | None = None
     duplicate_captions: Literal["negative", "positive"] = "negative"
     caption_sampling: Literal["caption", "distinct", "image"] = "caption"
+    augment: Literal["none", "rs", "crop_flip", "clip"] = "rs"
     carve_from: str | None = None
     carve_profile: str = "rsicd-test"
     carve_seed: int = 0
@@ -67,17 +72,27 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimisation: AdamW with separate backbone/head learning rates, warm-up then decay.
+    """Optimisation: AdamW, Adam or SGD with separate backbone/head learning rates, warm-up then
+    a schedule (see :mod:`rsitr.training.schedule`).
 
     Attributes:
         epochs: number of epochs.
         batch_size: pairs per optimiser step (global, across ranks and accumulation).
         lr: head learning rate.
         backbone_lr: encoder learning rate (used only for unfrozen towers).
-        weight_decay: AdamW weight decay (not applied to biases, norms, temperature).
-        betas: AdamW betas.
+        name: ``adamw`` (decoupled weight decay), ``adam`` (L2 weight decay in the gradient, as
+            MSA's Adam with weight decay) or ``sgd`` (with ``momentum``).
+        weight_decay: weight decay (not applied to biases, norms, temperature unless
+            ``decay_norm_bias``).
+        decay_norm_bias: also decay biases, norm weights and the temperature.
+        betas: Adam/AdamW betas.
+        momentum: SGD momentum.
         warmup_steps: linear warm-up steps (or a fraction of all steps when < 1).
-        schedule: ``cosine``, ``linear`` or ``constant`` after warm-up.
+        schedule: ``cosine``, ``linear``, ``constant``, ``step`` or ``multistep`` after warm-up.
+        milestones: epochs of ``multistep`` (or ``[k]``: every k epochs for ``step``).
+        gamma: the ``step``/``multistep`` factor.
+        lr_floor: the lowest learning-rate multiplier; a decay holds it once reached.
+        decay_epochs: epoch by which ``cosine``/``linear`` reach ``lr_floor`` (default: the last).
         grad_accum: micro-batches per optimiser step.
         clip_grad: max gradient norm (0 disables).
     """
@@ -86,10 +101,17 @@ class OptimConfig:
     batch_size: int = 256
     lr: float = 1e-3
     backbone_lr: float = 1e-5
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = 0.01
+    decay_norm_bias: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
     warmup_steps: float = 0.05
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "step", "multistep"] = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    lr_floor: float = 0.0
+    decay_epochs: int | None = None
     grad_accum: int = 1
     clip_grad: float = 0.0
 

@@ -310,7 +310,8 @@ class Trainer:
         groups = []
         for group, lr in (("head", o.lr), ("backbone", o.backbone_lr)):
             sel = [(n, p) for n, p in trainable if (id(p) in backbone) == (group == "backbone")]
-            decays = [p.ndim > 1 and not any(k in n.lower() for k in NO_DECAY) for n, p in sel]
+            decays = [o.decay_norm_bias or (p.ndim > 1 and not any(k in n.lower() for k in NO_DECAY))
+                      for n, p in sel]  # fmt: skip
             decay = [p for (_, p), d in zip(sel, decays, strict=True) if d]
             no_decay = [p for (_, p), d in zip(sel, decays, strict=True) if not d]
             if decay:
@@ -321,7 +322,10 @@ class Trainer:
                 )
         if not groups:
             raise ConfigError(f"method {self.cfg.method!r} has no trainable parameters with this config")
-        return torch.optim.AdamW(groups, betas=tuple(o.betas))  # type: ignore[arg-type]
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, momentum=o.momentum)  # type: ignore[arg-type]
+        opt = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return opt(groups, betas=tuple(o.betas))  # type: ignore[arg-type]
 
     # --- batches -------------------------------------------------------------------------------
     def _sampled_captions(self, usable_img: np.ndarray) -> np.ndarray:
@@ -368,7 +372,7 @@ class Trainer:
         return {
             "image_feats": {k: v[views, img_ids].to(self.device) for k, v in self.view_stack.items()},
             "text_feats": self._text_batch(caps, g),
-            "image_id": img_ids.to(self.device),
+            "image_id": (caps if self.positives == "diagonal" else img_ids).to(self.device),
             "scene": torch.as_tensor(self.scenes[img_ids.numpy()]).to(self.device),
             **self._text_id(caps),
         }
@@ -412,7 +416,7 @@ class Trainer:
             "image": items["image"].to(self.device),
             "input_ids": tok["input_ids"].to(self.device),
             "attention_mask": tok["attention_mask"].to(self.device),
-            "image_id": items["image_id"].to(self.device),
+            "image_id": torch.as_tensor(items[self._id_key]).to(self.device),
             "scene": items["scene"].to(self.device),
             **self._text_id(torch.as_tensor(items["caption_id"])),
         }
@@ -483,6 +487,15 @@ class Trainer:
             (self.out / "config.yaml").write_text(config_yaml)
         self._build_data()
         model_cfg = dict(cfg.model)
+        # model.positives: which pairs of a batch are positives, for every method. ``image``: the
+        # captions of the same image (the default); ``diagonal``: only the pair itself (the
+        # papers' batch diagonal), done by giving each pair its caption index as its id.
+        self.positives = model_cfg.pop("positives", "image")
+        if self.positives not in ("image", "diagonal"):
+            raise ConfigError(f"model.positives: {self.positives!r} is not one of image, diagonal")
+        if self.positives == "diagonal" and cfg.data.duplicate_captions == "positive":
+            raise ConfigError("model.positives=diagonal contradicts data.duplicate_captions=positive")
+        self._id_key = "caption_id" if self.positives == "diagonal" else "image_id"
         fields = {f.name for f in dataclasses.fields(get_method_class(cfg.method).Config)}
         if "num_classes" in fields and not model_cfg.get("num_classes"):
             model_cfg["num_classes"] = len(self.label_map)  # scene classes of the training split
@@ -525,13 +538,13 @@ class Trainer:
             self.view_stack = {k: torch.stack([v[k] for v in views]) for k in views[0]}  # (V, N, …)
         else:
             from rsitr.data.datasets import CaptionPairDataset
-            from rsitr.data.transforms import TrainTransform
+            from rsitr.data.transforms import build_train_transform
 
             enc = self.method.image_encoder
             size = cfg.data.image_size or enc.image_size
             self.pair_dataset = CaptionPairDataset(
                 self.train_corpus,
-                TrainTransform(size, enc.mean, enc.std),
+                build_train_transform(cfg.data.augment, size, enc.mean, enc.std),
                 self.label_map,
                 on_error=cfg.data.on_error,
             )
@@ -547,9 +560,12 @@ class Trainer:
         optimizer = self._optimizer()
         steps_per_epoch = len(self._epoch_batches(0, usable))
         self.method.set_schedule(steps_per_epoch)
+        o = cfg.optim
         scheduler = build_scheduler(
-            optimizer, steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_steps, cfg.optim.schedule
-        )
+            optimizer, steps_per_epoch * o.epochs, o.warmup_steps, o.schedule,
+            steps_per_epoch=steps_per_epoch, milestones=o.milestones, gamma=o.gamma, floor=o.lr_floor,
+            decay_epochs=o.decay_epochs,
+        )  # fmt: skip
         start_epoch, step, best = 0, 0, -math.inf
         best_epoch = -1
         self._best_state: dict[str, Tensor] | None = None
