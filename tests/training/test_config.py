@@ -37,7 +37,7 @@ def test_overrides_are_typed() -> None:
         ("optim.lrr=1", "optim.lrr: unknown option"),
         ("optim.epochs=abc", "optim.epochs: expected an integer"),
         ("ties=random", "ties: 'random' is not one of"),
-        ("optim.schedule=step", "optim.schedule"),
+        ("optim.schedule=exponential", "optim.schedule"),
         ("nonsense", "expected key=value"),
     ],
 )

@@ -337,6 +337,8 @@ def evaluate_corpus(
     t0 = time.perf_counter()
     clean, warnings = corpus.drop_blank_captions("eval")
     if itm_rescore:
+        if len(embed_kwargs.pop("views", ("identity",))) > 1:
+            raise ConfigError("--itm-rescore works on one view: drop --tta")
         method.eval()
         img_f, _ = image_features(method, clean, **embed_kwargs)
         txt_f = text_features(method, clean.captions, device=embed_kwargs.get("device", "cpu"))
