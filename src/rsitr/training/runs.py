@@ -40,6 +40,32 @@ def _figures(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _resolved_model(method: str | None, model: dict[str, Any]) -> dict[str, Any]:
+    """The model config with the method's defaults filled in (so that an option written out at
+    its default value is the same recipe as one left out)."""
+    import dataclasses
+
+    from rsitr.models import build_config
+
+    values = dict(model)
+    trainer_keys = {k: values.pop(k) for k in ("positives",) if k in values}
+    try:
+        full = dataclasses.asdict(build_config(method, values)) if method else values
+    except Exception:  # an old or foreign config: compare it as written
+        return model
+    return {**full, **{k: v for k, v in trainer_keys.items() if v != "image"}}
+
+
+def _resolved(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The run's config with today's defaults filled in (runs from before an option existed)."""
+    from rsitr.training.config import TrainConfig, from_dict
+
+    try:
+        return from_dict(TrainConfig, {k: v for k, v in cfg.items() if k != "git_commit"}).to_dict()
+    except Exception:  # a config this version cannot read: compare it as written
+        return cfg
+
+
 def load_run(path: str | Path) -> Run | None:
     """The run in ``path``, or ``None`` when it has no ``summary.json`` (not finished)."""
     path = Path(path)
@@ -51,7 +77,10 @@ def load_run(path: str | Path) -> Run | None:
     if (path / "config.yaml").exists():
         cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
     seed = cfg.get("seed")
-    recipe = json.dumps({k: v for k, v in cfg.items() if k not in _NOT_RECIPE}, sort_keys=True, default=str)
+    cfg = _resolved(cfg)
+    cfg = {k: v for k, v in cfg.items() if k not in _NOT_RECIPE}
+    cfg["model"] = _resolved_model(cfg.get("method"), cfg.get("model") or {})
+    recipe = json.dumps(cfg, sort_keys=True, default=str)
     return Run(path, summary, recipe, seed, _figures(summary))
 
 
