@@ -146,10 +146,15 @@ def test_rsicd_test_like_split(rsicd_dir: Path, tmp_path: Path, capsys: pytest.C
     assert sum(d < 2 for d in distinct) <= 11  # at most 1 % (the test split has 2 such images)
     train = load_corpus(out, split="train")
     assert train.num_images + val.num_images == 9828 and not set(train.filenames()) & set(val.filenames())
-    # runs of consecutive file numbers (blocks of 5) never straddle the split
-    blocks = {(re.sub(r"\d+$", "", Path(n).stem), int(re.findall(r"\d+", n)[-1]) // 5) for n in val.filenames()}
-    assert not any((re.sub(r"\d+$", "", Path(n).stem), int(re.findall(r"\d+", n)[-1]) // 5) in blocks
-                   for n in train.filenames())  # fmt: skip
+    # runs of consecutive file numbers (blocks of 5 per scene) never straddle the split
+    labels = rsicd_dir / "labels.csv"
+    val, train = load_corpus(out, split="val", labels=labels), load_corpus(out, split="train", labels=labels)
+
+    def block(im) -> tuple:
+        stem = Path(im.filename).stem
+        return im.scene, re.sub(r"\d+$", "", stem), int(re.findall(r"\d+", stem)[-1]) // 5
+
+    assert not {block(im) for im in val.images} & {block(im) for im in train.images}
 
 
 def test_rsicd_test_split_profile_matches_the_shipped_target(formats_dir: Path, rsicd_dir: Path) -> None:
