@@ -58,6 +58,11 @@ class BlankCaption:
     image: str
 
 
+def normalise_caption(text: str) -> str:
+    """Lower case, single spaces, no trailing full stop: the 'word for word' comparison key."""
+    return " ".join(text.lower().split()).rstrip(" .")
+
+
 @dataclass
 class RetrievalCorpus:
     """Images and captions of one split, with the image → captions relation.
@@ -147,7 +152,7 @@ class RetrievalCorpus:
         Returns:
             An ``int64`` array of shape ``(num_captions,)``.
         """
-        norm = [" ".join(c.lower().split()).rstrip(" .") for c in self.captions]
+        norm = [normalise_caption(c) for c in self.captions]
         _, ids = np.unique(np.asarray(norm, dtype=object), return_inverse=True)
         return ids.astype(np.int64)
 

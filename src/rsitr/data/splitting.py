@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from rsitr.data.corpus import RetrievalCorpus
+from rsitr.data.corpus import RetrievalCorpus, normalise_caption
 from rsitr.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,6 @@ __all__ = [
     "split_profile",
     "write_carved_split",
 ]
-
-
-def normalise_caption(text: str) -> str:
-    """Lower case, single spaces, no trailing full stop: the 'word for word' comparison key."""
-    return " ".join(text.lower().split()).rstrip(" .")
 
 
 @dataclass(frozen=True)
@@ -428,17 +423,23 @@ def carve_split(
         val = np.sort(np.flatnonzero(chosen[unit_of]))
         rest = np.setdiff1d(np.arange(n), val)
         val_c, train_c = pool.subset(val), pool.subset(rest)
-        exact = split_profile(val_c, train_c)["verbatim_overlap"]
+        profile = split_profile(val_c, train_c)
+        exact = profile["verbatim_overlap"]
         if abs(exact - target.verbatim_overlap) < 0.002:
             break
         aim[2] += target.verbatim_overlap - exact
     return CarveResult(
         val=val,
-        profile=split_profile(val_c, train_c),
+        profile=profile,
         train_profile=split_profile(train_c),
         target=target,
         groups=int((np.bincount(unit_of) > 1).sum()),
     )
+
+
+def _refuse_overwrite(source: Path, out: Path) -> None:
+    if out.resolve() == source.resolve():
+        raise ConfigError(f"split: refusing to overwrite the input {source}; choose another --out")
 
 
 def write_carved_split(
@@ -454,8 +455,7 @@ def write_carved_split(
     ``train`` otherwise; images of other splits keep theirs. ``info`` is stored under the
     top-level key ``rsitr_split``. The file is written atomically and never over ``source``.
     """
-    if out.resolve() == source.resolve():
-        raise ConfigError(f"split: refusing to overwrite the input {source}; choose another --out")
+    _refuse_overwrite(source, out)
     obj = json.loads(source.read_text(encoding="utf-8"))
     for rec in obj["images"]:
         if str(rec.get("split", "")) in pool_splits:
@@ -504,8 +504,7 @@ def make_split(
 
     source = Path(source)
     path = Path(out) if out is not None else default_split_path(source, profile_name, seed)
-    if path.resolve() == source.resolve():
-        raise ConfigError(f"split: refusing to overwrite the input {source}; choose another --out")
+    _refuse_overwrite(source, path)  # before the hashing, not only at the write
     if detect_format(source, None) != "karpathy":
         raise ConfigError(f"split: {source} is not a Karpathy JSON file (the format split writes)")
     corpus = load_corpus(source, images=images, labels=labels)

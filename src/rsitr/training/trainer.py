@@ -44,7 +44,7 @@ from rsitr.retrieval.metrics import RetrievalMetrics
 from rsitr.training.checkpoint import git_commit, load_training_state, save_checkpoint
 from rsitr.training.config import TrainConfig
 from rsitr.training.distributed import DistInfo, all_gather_with_grad, barrier, init_distributed
-from rsitr.training.feature_cache import FeatureCache, data_fingerprint, text_fingerprint
+from rsitr.training.feature_cache import FeatureCache, cache_key, data_fingerprint, text_fingerprint
 from rsitr.training.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.history: list[dict[str, Any]] = []
         self._scopes: dict[str, RetrievalCorpus | None] = {}
+        self._loaded: dict[str, tuple[dict[str, Tensor], Tensor]] = {}
 
     # --- setup -------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -203,13 +204,18 @@ class Trainer:
     def _rank0_first(
         self, cache: FeatureCache, payload: dict[str, Any], n: int, compute: Any, bar: Any, task: Any
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """Rank 0 computes (or reads) the cached feature set first; the other ranks then read it."""
+        """Rank 0 computes (or reads) the cached feature set first; the other ranks then read it.
+        A set already read in this run (train and val share the source-wide sets) is not re-read."""
+        key = cache_key(payload)
+        if key in self._loaded:
+            return self._loaded[key]
         out: tuple[dict[str, Tensor], Tensor] | None = None
         for rank_turn in (True, False):
             if rank_turn == self.dist.is_main:
                 out = cache.get(payload, n, compute, lambda d, t: bar.update(task, completed=d))
             barrier()
         assert out is not None
+        self._loaded[key] = out
         return out
 
     def _cache_scope(self, corpus: RetrievalCorpus) -> tuple[RetrievalCorpus, np.ndarray, np.ndarray]:
