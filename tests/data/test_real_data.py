@@ -161,7 +161,9 @@ def test_rsicd_test_split_profile_matches_the_shipped_target(formats_dir: Path, 
     """The rsicd-test target is the profile of the real RSICD test split's captions."""
     from rsitr.data.splitting import PROFILES
 
-    r = check_corpus(formats_dir / "harma_json" / "rsicd_test.json", reference=rsicd_dir / "dataset_rsicd.json")
+    r = check_corpus(
+        formats_dir / "harma_json" / "rsicd_test.json", reference=rsicd_dir / "dataset_rsicd.json"
+    )
     p, t = r["profile"], PROFILES["rsicd-test"]
     assert p["n_images"] == t.n_images
     assert p["distinct_per_image"] == pytest.approx(t.distinct_per_image, abs=0.005)

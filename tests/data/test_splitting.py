@@ -82,7 +82,9 @@ def test_profile_figures_by_hand(toy) -> None:
     n_shared = sum(v["kind"] == "shared" for v in kinds.values())
     assert p["n_images"] == n and p["captions_per_image"] == 5
     assert p["identical_fraction"] == pytest.approx(n_ident / n)
-    assert p["distinct_per_image"] == pytest.approx((n_ident * 1 + n_shared * 5 + (n - n_ident - n_shared) * 5) / n)
+    assert p["distinct_per_image"] == pytest.approx(
+        (n_ident * 1 + n_shared * 5 + (n - n_ident - n_shared) * 5) / n
+    )
     # identical images: their caption is shared by the two images k//8 (both q == 0 → k, k+4);
     # shared images: 2 of 5 captions shared (k//8 pairs)
     assert p["verbatim_overlap"] == pytest.approx((n_ident * 5 + n_shared * 2) / (5 * n))
@@ -117,7 +119,9 @@ def test_carve_hits_the_target_and_keeps_duplicates_together(toy, tmp_path) -> N
     src, images, kinds = toy
     target = SplitTarget(n_images=24, distinct_per_image=5.0, identical_fraction=0.0, verbatim_overlap=0.05,
                          min_distinct=3)  # fmt: skip
-    out, res = make_split(src, images, target, labels=src.parent / "labels.csv", seed=3, out=tmp_path / "o.json")
+    out, res = make_split(
+        src, images, target, labels=src.parent / "labels.csv", seed=3, out=tmp_path / "o.json"
+    )
     p = res.profile
     assert p["n_images"] == 24
     assert p["identical_fraction"] == 0.0  # min_distinct 3 keeps them out
@@ -136,14 +140,18 @@ def test_carve_hits_the_target_and_keeps_duplicates_together(toy, tmp_path) -> N
     assert train.num_images + new.num_images == len(kinds) and not set(train.filenames()) & val_names
     assert json.loads(out.read_text())["rsitr_split"]["seed"] == 3
     # deterministic
-    _, again = make_split(src, images, target, labels=src.parent / "labels.csv", seed=3, out=tmp_path / "p.json")
+    _, again = make_split(
+        src, images, target, labels=src.parent / "labels.csv", seed=3, out=tmp_path / "p.json"
+    )
     np.testing.assert_array_equal(res.val, again.val)
 
 
 def test_carve_moves_towards_the_target_from_a_random_start(toy) -> None:
     src, _, _ = toy
     pool = load_corpus(src, labels=src.parent / "labels.csv")
-    low = carve_split(pool, SplitTarget(n_images=30, distinct_per_image=5, identical_fraction=0, verbatim_overlap=0))
+    low = carve_split(
+        pool, SplitTarget(n_images=30, distinct_per_image=5, identical_fraction=0, verbatim_overlap=0)
+    )
     high = carve_split(pool, SplitTarget(n_images=30, distinct_per_image=3.0, identical_fraction=0.5,
                                          verbatim_overlap=0.6))  # fmt: skip
     assert low.profile["verbatim_overlap"] < 0.02 and low.profile["identical_fraction"] == 0

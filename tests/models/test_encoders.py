@@ -255,22 +255,25 @@ def test_resnet18_from_local_weights(tmp_path: Path) -> None:
         create_image_encoder(f"resnet50@{path}")
 
 
-def test_timm_offline_fallback_warns(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    real = timm.create_model
+def test_timm_weights_that_cannot_load_stop_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No silent random weights: the default (torchvision V1 for ResNets) and a named tag both fail
+    with one line that names the weights and how to get them; ``pretrained=False`` is random."""
+    real, asked = timm.create_model, []
 
     def offline(name: str, pretrained: bool = False, **kw: object) -> torch.nn.Module:
         if pretrained:
+            asked.append(name)
             raise OSError("cannot reach the hub")
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with caplog.at_level(logging.WARNING):
-        enc = create_image_encoder("resnet18")
-    assert "RANDOM initialisation" in caplog.text and enc.identity()["weights"] == {"kind": "random"}
-    with pytest.raises(MissingDependencyError, match="not available offline"):
-        create_image_encoder("resnet18@a1_in1k")
+    for spec, weights in (("resnet18", "resnet18.tv_in1k"), ("resnet18@a1_in1k", "resnet18.a1_in1k")):
+        with pytest.raises(MissingDependencyError) as err:
+            create_image_encoder(spec)
+        msg = str(err.value)
+        assert "\n" not in msg and f"timm/{weights}" in msg and "pretrained: false" in msg
+    assert asked == ["resnet18.tv_in1k", "resnet18.a1_in1k"]
+    assert create_image_encoder("resnet18", pretrained=False).identity()["weights"] == {"kind": "random"}
 
 
 @pytest.mark.parametrize(("name", "taps"), [("vit-b-16", [16] * 4), ("swin-t", [4, 8, 16, 32])])

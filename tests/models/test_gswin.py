@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rsitr.errors import ConfigError, DataError
+from rsitr.errors import ConfigError, DataError, MissingDependencyError
 from rsitr.models.encoders import create_image_encoder, list_image_encoders
 from rsitr.models.encoders.gswin import (
     GlobalWindowGenerator,
@@ -227,12 +227,51 @@ def test_init_from_a_random_timm_swin_t(tmp_path: Path) -> None:
     )
     assert torch.equal(own["norm.weight"], state["norm.weight"])
     assert enc.identity()["weights"]["kind"] == "file"
-    # window 7 relative-position tables do not fit window 8: left at their random init
-    assert own["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0] == 15 * 15
+    # window 7 relative-position tables (13², heads) are resampled to window 8 (15², heads)
+    from timm.layers import resize_rel_pos_bias_table
+
+    src = state["layers.0.blocks.0.attn.relative_position_bias_table"]
+    table = own["layers.0.blocks.0.attn.relative_position_bias_table"]
+    assert src.shape[0] == 13 * 13 and table.shape[0] == 15 * 15
+    assert torch.allclose(table, resize_rel_pos_bias_table(src, (8, 8), tuple(table.shape)))
+    assert torch.allclose(table.view(15, 15, -1)[7, 7], src.view(13, 13, -1)[6, 6], atol=1e-6)  # centre
     # pretrained=False ignores the file (checkpoint reload)
     assert create_image_encoder(f"gswin@{path}", pretrained=False).identity()["weights"]["kind"] == "random"
     with pytest.raises(DataError, match="no Swin weights match"):
         create_image_encoder(f"gswin-tiny@{path}")
+
+
+def test_gswin_starts_from_imagenet_swin_t_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gswin`` names timm's ImageNet Swin-T; offline without it, building stops with one line."""
+    import timm
+
+    real, asked = timm.create_model, []
+    torch.manual_seed(0)
+    swin = real("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0)
+
+    def hub(name: str, pretrained: bool = False, **kw: object) -> torch.nn.Module:
+        if pretrained:
+            asked.append(name)
+            return swin
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", hub)
+    enc = create_image_encoder("gswin")
+    assert asked == ["swin_tiny_patch4_window7_224.ms_in1k"]
+    assert enc.identity()["weights"] == {"kind": "tag", "ref": "swin_tiny_patch4_window7_224.ms_in1k"}
+    assert torch.equal(
+        enc.state_dict()["patch_embed.proj.weight"], swin.state_dict()["patch_embed.proj.weight"]
+    )
+
+    def offline(name: str, pretrained: bool = False, **kw: object) -> torch.nn.Module:
+        if pretrained:
+            raise OSError("cannot reach the hub")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(MissingDependencyError, match="timm/swin_tiny_patch4_window7_224.ms_in1k") as err:
+        create_image_encoder("gswin")
+    assert "\n" not in str(err.value) and "pretrained: false" in str(err.value)
 
 
 # --- attention maps (Fig. 7) -------------------------------------------------------------------------------

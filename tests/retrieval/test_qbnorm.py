@@ -101,5 +101,7 @@ def test_evaluate_scores_cli_with_a_bank_npz(tmp_path):
     out = rerank(s, "qb-norm", bank=bank, beta=3.0)
     want = evaluate_scores(out.i2t, Relevance(val["caption_to_image"], 10), t2i_scores=out.t2i)
     assert got["mR"] == pytest.approx(want.mR)
-    bad = CliRunner().invoke(app, ["evaluate-scores", str(tmp_path / "val.npz"), "--bank", str(tmp_path / "train.npz")])
+    bad = CliRunner().invoke(
+        app, ["evaluate-scores", str(tmp_path / "val.npz"), "--bank", str(tmp_path / "train.npz")]
+    )
     assert bad.exit_code != 0 and "qb-norm" in str(bad.exception)

@@ -16,14 +16,24 @@ from tests.training.conftest import tiny_overrides
 
 def _cached(synth: Path, out: Path, **extra: object) -> list[str]:
     return tiny_overrides(
-        synth, out, **{"model.freeze_image": "true", "model.freeze_text": "true", "cache.enabled": "on",
-                       "model.head": "mlp", "model.head_hidden": 32, **extra}  # fmt: skip
+        synth,
+        out,
+        **{
+            "model.freeze_image": "true",
+            "model.freeze_text": "true",
+            "cache.enabled": "on",
+            "model.head": "mlp",
+            "model.head_hidden": 32,
+            **extra,
+        },  # fmt: skip
     )
 
 
 def test_a_resplit_reuses_the_cached_features(tiny_synth: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    assert run(["train", "configs/quickstart.yaml", *_cached(tiny_synth, tmp_path, **{"cache.dir": cache})]) == 0
+    assert (
+        run(["train", "configs/quickstart.yaml", *_cached(tiny_synth, tmp_path, **{"cache.dir": cache})]) == 0
+    )
     folders = {p.name for p in cache.iterdir()}
     assert len(folders) == 3  # identity + hflip for every image of the source, captions
     # re-split the same source: val becomes train and vice versa, the cache is reused as is
@@ -32,7 +42,9 @@ def test_a_resplit_reuses_the_cached_features(tiny_synth: Path, tmp_path: Path) 
         rec["split"] = {"val": "train", "train": "val"}.get(rec["split"], rec["split"])
     resplit = tmp_path / "resplit.json"
     resplit.write_text(json.dumps(obj))
-    over = _cached(tiny_synth, tmp_path, **{"cache.dir": cache, "data.source": resplit, "out_dir": tmp_path / "r2"})
+    over = _cached(
+        tiny_synth, tmp_path, **{"cache.dir": cache, "data.source": resplit, "out_dir": tmp_path / "r2"}
+    )
     assert run(["train", "configs/quickstart.yaml", *over]) == 0
     assert {p.name for p in cache.iterdir()} == folders
     summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
@@ -59,7 +71,9 @@ def test_caption_sampling_distinct_and_image(tiny_synth: Path, tmp_path: Path) -
     from rsitr.training.config import load_config
     from rsitr.training.trainer import Trainer
 
-    cfg = load_config("configs/quickstart.yaml", _cached(tiny_synth, tmp_path, **{"data.caption_sampling": "distinct"}))
+    cfg = load_config(
+        "configs/quickstart.yaml", _cached(tiny_synth, tmp_path, **{"data.caption_sampling": "distinct"})
+    )
     t = Trainer(cfg, show_progress=False)
     t._build_data()
     # make two captions of image 0 identical: 'distinct' keeps one of them

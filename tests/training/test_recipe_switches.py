@@ -112,9 +112,9 @@ def test_positives_diagonal_gives_each_pair_its_own_id(tiny_synth: Path, tmp_pat
     assert summary["best_val"]["mR"] >= 0
     caps = torch.tensor([0, 1, 2, 5])  # captions 0-1 (and 2) belong to image 0
     assert t.caption_to_image[0] == t.caption_to_image[1]
-    batch = t._cached_batch(caps, 0, 0)
+    batch = t._cached_batch(caps, 0, 0, 0, len(caps))
     assert torch.equal(batch_positives(batch), torch.eye(4, dtype=torch.bool))
     t.positives = "image"
-    assert batch_positives(t._cached_batch(caps, 0, 0))[0, 1]
+    assert batch_positives(t._cached_batch(caps, 0, 0, 0, len(caps)))[0, 1]
     with pytest.raises(ConfigError, match="positives"):
         _trainer(tiny_synth, tmp_path / "x", **{"model.positives": "scene", "optim.epochs": 1}).fit()

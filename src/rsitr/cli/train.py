@@ -87,9 +87,7 @@ def evaluate_cmd(
         str,
         typer.Option("--query-bank", help="Split of --data whose captions/images form qb-norm's bank."),
     ] = "train",
-    tta: Annotated[
-        str, typer.Option("--tta", help=TTA_HELP)
-    ] = "none",
+    tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
     rerank_config: Annotated[
         Path | None, typer.Option("--rerank-config", help="YAML from tune-rerank.")
     ] = None,
@@ -235,9 +233,9 @@ def runs_cmd(
         typer.echo("| runs | seeds | " + " | ".join(c.replace("_seconds", " s") for c in cols) + " |")
         typer.echo("|" + "---|" * (len(cols) + 2))
         for g in groups:
-            cells = [
-                f"{g.mean[c]:.2f} ± {g.std[c]:.2f}" if c in g.mean else "-" for c in cols[:-1]
-            ] + [f"{g.mean.get('train_seconds', float('nan')):.0f}"]
+            cells = [f"{g.mean[c]:.2f} ± {g.std[c]:.2f}" if c in g.mean else "-" for c in cols[:-1]] + [
+                f"{g.mean.get('train_seconds', float('nan')):.0f}"
+            ]
             names = ", ".join(str(r.path) for r in g.runs)
             typer.echo(f"| {names} | {','.join(str(s) for s in g.seeds)} | " + " | ".join(cells) + " |")
         return

@@ -80,6 +80,8 @@ def queue_infonce(
     txt_keys: Tensor,
     key_ids: Tensor,
     scale: Tensor | float,
+    text_ids: Tensor | None = None,
+    key_text_ids: Tensor | None = None,
 ) -> Tensor:
     """Momentum-queue ITC (CMPAGL Eq. 18, MoCo/ALBEF style) with multi-positive targets.
 
@@ -96,11 +98,16 @@ def queue_infonce(
         txt_keys: (M, D) momentum caption embeddings (batch + queue).
         key_ids: (M,) image id of each key pair (−1: empty).
         scale: the logit scale 1/τ.
+        text_ids: (B,) caption text id of each pair (``data.duplicate_captions: positive``): keys
+            whose caption is word for word the query's are positives too.
+        key_text_ids: (M,) caption text id of each key (−1: unknown).
 
     Returns:
         Scalar: ½ (L_i2t + L_t2i), each averaged over the B queries.
     """
     pos = img_ids[:, None] == key_ids[None, :]  # (B, M)
+    if text_ids is not None and key_text_ids is not None:
+        pos = pos | ((text_ids[:, None] == key_text_ids[None, :]) & (key_text_ids >= 0)[None, :])
     empty = (key_ids < 0)[None, :]
     targets = pos.to(img.dtype) / pos.sum(1, keepdim=True).clamp_min(1).to(img.dtype)
 

@@ -79,14 +79,18 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> Retriev
         DataError: missing file or metadata, or weights that do not fit the rebuilt model.
     """
     from rsitr.models import build_config, create_method
+    from rsitr.models.encoders._weights import weights_from_checkpoint
 
     file = _model_path(path)
     meta = read_metadata(file)
     if "method" not in meta or "config" not in meta:
         raise DataError("not an rsitr checkpoint (no method/config metadata)", path=file)
     cfg = build_config(meta["method"], json.loads(meta["config"]))
-    method = create_method(meta["method"], cfg, pretrained=False)
+    with weights_from_checkpoint(file):
+        method = create_method(meta["method"], cfg, pretrained=False)
     state = load_file(str(file), device="cpu")
+    # Checkpoints written before the text towers dropped BERT's unused NSP pooler still hold it.
+    state = {k: v for k, v in state.items() if ".pooler." not in k}
     missing, unexpected = method.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DataError(

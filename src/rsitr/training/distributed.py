@@ -51,12 +51,105 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     Each rank computes the loss on the global batch; the backward of the gather sums the
     gradient of every rank's (identical) loss, and DDP's averaging then gives exactly the
     single-process gradient of the global batch.
+
+    Ranks may hold different shapes: a different batch size (a skipped unreadable image) or a
+    different token length (each rank trims its captions' padding). Every dim is zero-padded to
+    the largest over the ranks before the gather; dim 0 is then cut back to each rank's rows,
+    the other dims stay at the largest size (zero rows of a mask are padding).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    world = dist.get_world_size()
+    shape = torch.tensor(x.shape, dtype=torch.long, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    sizes = torch.stack(shapes).tolist()
+    biggest = [max(s[d] for s in sizes) for d in range(x.ndim)]
+    if list(x.shape) != biggest:
+        pad: list[int] = []
+        for d in reversed(range(x.ndim)):
+            pad += [0, biggest[d] - x.shape[d]]
+        x = torch.nn.functional.pad(x, pad)
+    parts = all_gather(x.contiguous())
+    return torch.cat([p[: s[0]] for p, s in zip(parts, sizes, strict=True)], dim=0)
+
+
+class GatheredBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics cover the global batch of every rank, on any device.
+
+    ``torch.nn.SyncBatchNorm`` runs only on GPUs; this does the same on the CPU (gloo): the input
+    is all-gathered with its gradient, normalised with the global mean and variance (so the
+    running statistics are the same on every rank), and this rank's rows are returned. Outside
+    distributed training it is a plain batch norm. Made by :func:`sync_batchnorm`.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (self.training and distributed):
+            return super().forward(input)
+        rows = torch.tensor([input.shape[0]], device=input.device)
+        counts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, rows)
+        start = int(sum(int(c) for c in counts[: dist.get_rank()]))
+        return super().forward(all_gather_with_grad(input))[start : start + input.shape[0]]
+
+
+def sync_batchnorm(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """Every batch norm of ``module`` computes its statistics over the global batch under DDP:
+    ``torch.nn.SyncBatchNorm`` on CUDA, :class:`GatheredBatchNorm` elsewhere. Frozen towers
+    (``eval`` mode) keep using their running statistics either way."""
+    if device.startswith("cuda"):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+            child, GatheredBatchNorm
+        ):
+            new = GatheredBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+            )  # fmt: skip
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            new.requires_grad_(any(p.requires_grad for p in child.parameters()))
+            held = next(iter([*child.parameters(), *child.buffers()]), None)
+            setattr(module, name, new if held is None else new.to(held.device))
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+def wrap_ddp(method: torch.nn.Module, device: str) -> torch.nn.parallel.DistributedDataParallel:
+    """``method`` under DistributedDataParallel, set up for every rsitr method.
+
+    - batch norms are synchronised (:func:`sync_batchnorm`), so no rank's statistics differ;
+    - ``forward_sync_buffers=False`` (formerly ``broadcast_buffers=False``): buffers are not copied
+      from rank 0 at every forward (only once, at construction, when all are equal anyway). The
+      momentum encoders and feature queue of CMPAGL and the EMA teacher of RDB are updated the
+      same way on every rank from identical parameters and gathered keys, so they stay equal
+      without it, and synchronised batch norms keep equal running statistics;
+    - unused parameters are an error (``find_unused_parameters=False``): the methods build only
+      the layers their config uses.
+    """
+    method = sync_batchnorm(method, device)
+    ids = [int(device.split(":")[1])] if device.startswith("cuda:") else None
+    return torch.nn.parallel.DistributedDataParallel(
+        method, device_ids=ids, find_unused_parameters=False, **_no_buffer_sync()
+    )
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for "no buffer copies at every forward", by the name this torch knows."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    )
 
 
 def barrier() -> None:

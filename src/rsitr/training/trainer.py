@@ -43,7 +43,7 @@ from rsitr.retrieval.embed import (
 from rsitr.retrieval.metrics import RetrievalMetrics
 from rsitr.training.checkpoint import git_commit, load_training_state, save_checkpoint
 from rsitr.training.config import TrainConfig
-from rsitr.training.distributed import DistInfo, all_gather_with_grad, barrier, init_distributed
+from rsitr.training.distributed import DistInfo, all_gather_with_grad, barrier, init_distributed, wrap_ddp
 from rsitr.training.feature_cache import FeatureCache, cache_key, data_fingerprint, text_fingerprint
 from rsitr.training.schedule import build_scheduler
 
@@ -371,25 +371,31 @@ class Trainer:
             steps.append(micros)
         return steps
 
-    def _cached_batch(self, caps: Tensor, epoch: int, step: int) -> dict[str, Any]:
+    def _cached_batch(
+        self, caps: Tensor, epoch: int, step: int, offset: int, global_bs: int
+    ) -> dict[str, Any]:
+        """A micro-batch from the cached features. The random view of each pair is drawn for the
+        whole global batch of the step and sliced at ``offset``, so every rank layout (and
+        ``grad_accum``) sees the views of a one-process run."""
         img_ids = torch.as_tensor(self.caption_to_image[caps.numpy()])
         g = torch.Generator().manual_seed((self.cfg.seed * 7919 + epoch) * 100_003 + step)
-        views = torch.randint(self.n_views, (len(caps),), generator=g)  # one random cached view per pair
+        part = slice(offset, offset + len(caps))
+        views = torch.randint(self.n_views, (global_bs,), generator=g)[part]  # one cached view per pair
         return {
             "image_feats": {k: v[views, img_ids].to(self.device) for k, v in self.view_stack.items()},
-            "text_feats": self._text_batch(caps, g),
+            "text_feats": self._text_batch(caps, g, part, global_bs),
             "image_id": (caps if self.positives == "diagonal" else img_ids).to(self.device),
             "scene": torch.as_tensor(self.scenes[img_ids.numpy()]).to(self.device),
             **self._text_id(caps),
         }
 
-    def _text_batch(self, caps: Tensor, g: torch.Generator) -> dict[str, Tensor]:
-        """Cached caption features of ``caps``, one random text view per pair."""
+    def _text_batch(self, caps: Tensor, g: torch.Generator, part: slice, global_bs: int) -> dict[str, Tensor]:
+        """Cached caption features of ``caps``, one random text view per pair (drawn as the views)."""
         assert self.train_feats is not None
         tv = self.train_feats.text_views
         if len(tv) <= 1:
             return {k: v[caps].to(self.device) for k, v in self.train_feats.text.items()}
-        pick = torch.randint(len(tv), (len(caps),), generator=g)
+        pick = torch.randint(len(tv), (global_bs,), generator=g)[part]
         return {k: torch.stack([t[k][caps] for t in tv])[pick, torch.arange(len(caps))].to(self.device)
                 for k in tv[0]}  # fmt: skip
 
@@ -560,7 +566,7 @@ class Trainer:
 
         if self.dist.enabled:
             self.method.gather = all_gather_with_grad
-            model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(self.method)
+            model: torch.nn.Module = wrap_ddp(self.method, self.device)
         else:
             model = self.method
         optimizer = self._optimizer()
@@ -604,9 +610,11 @@ class Trainer:
                 task = bar.add_task("", total=len(batches))
                 for done, micros in enumerate(batches, start=1):
                     optimizer.zero_grad(set_to_none=True)
-                    for micro in micros:
+                    for a, micro in enumerate(micros):
                         if raw is None:
-                            batch = self._cached_batch(micro, epoch, step)
+                            offset = (a * self.dist.world_size + self.dist.rank) * len(micro)
+                            global_bs = len(micro) * len(micros) * self.dist.world_size
+                            batch = self._cached_batch(micro, epoch, step, offset, global_bs)
                         else:
                             batch = self._raw_batch(next(raw))
                         if batch is None:

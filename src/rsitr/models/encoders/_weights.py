@@ -5,10 +5,13 @@ Every error here is one line that names the file and the fix.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import importlib.util
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +26,8 @@ __all__ = [
     "CHECKPOINT_SUFFIXES",
     "WeightsSource",
     "is_path",
+    "log_random_init",
+    "weights_from_checkpoint",
     "load_into",
     "load_state_dict_file",
     "package_dir",
@@ -54,6 +59,32 @@ class WeightsSource:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (no ``None`` values)."""
         return {k: v for k, v in (("kind", self.kind), ("ref", self.ref), ("sha256", self.sha256)) if v}
+
+
+_FROM_CHECKPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar("from_checkpoint", default=None)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint(path: str | Path) -> Iterator[None]:
+    """Encoders built inside this block get their weights from the checkpoint ``path`` afterwards,
+    so they are built without loading any (and say so, rather than "random initialisation")."""
+    token = _FROM_CHECKPOINT.set(str(path))
+    try:
+        yield
+    finally:
+        _FROM_CHECKPOINT.reset(token)
+
+
+def log_random_init(logger: logging.Logger, name: str, detail: str = "") -> None:
+    """Log what an encoder built without pretrained weights really holds: the weights of the
+    checkpoint being loaded (inside :func:`weights_from_checkpoint`), or random initialisation
+    because the config says ``pretrained: false``."""
+    where = f" ({detail})" if detail else ""
+    ckpt = _FROM_CHECKPOINT.get()
+    if ckpt is not None:
+        logger.debug("%s: built%s; its weights come from the checkpoint %s", name, where, ckpt)
+    else:
+        logger.info("%s: random initialisation, as pretrained=false asks%s", name, where)
 
 
 def is_path(weights: str) -> bool:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from rsitr.errors import ConfigError, DataError, MissingDependencyError
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder, register_text_encoder
-from rsitr.models.encoders._weights import WeightsSource, is_path, resolve_file, sha256_file
+from rsitr.models.encoders._weights import WeightsSource, is_path, log_random_init, resolve_file, sha256_file
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput, TextEncoder, TextOutput
 from rsitr.models.encoders.timm_backbones import even_taps
 
@@ -87,10 +87,14 @@ def build_clip(spec: EncoderSpec, pretrained: bool = True) -> tuple[nn.Module, W
         source = WeightsSource("file", str(path), sha256_file(path))
     elif weights:
         source = WeightsSource("tag", f"{arch}@{weights}")
+    elif pretrained:
+        raise ConfigError(
+            f"{spec.spec}: names no weights; add @<open_clip tag> (e.g. @openai) or @/path/to/checkpoint, "
+            "or write pretrained: false for random weights"
+        )
     else:
         source = WeightsSource("random")
-        if pretrained:
-            _logger.warning("%s: no @weights given; the CLIP model is randomly initialised", spec.spec)
+        log_random_init(_logger, spec.spec)
     return model, source, tokenizer
 
 

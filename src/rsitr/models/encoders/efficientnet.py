@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from rsitr.errors import ConfigError, DataError
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder
-from rsitr.models.encoders._weights import WeightsSource, package_dir, resolve_file, sha256_file
+from rsitr.models.encoders._weights import (
+    WeightsSource,
+    log_random_init,
+    package_dir,
+    resolve_file,
+    sha256_file,
+)
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
 
 __all__ = ["EfficientNetLite0Encoder", "load_lite0_weights", "wheel_weights_path"]
@@ -120,6 +126,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
             _logger.info("efficientnet-lite0: loaded ImageNet weights from %s (sha256 verified)", path)
         else:
             self.weights = WeightsSource("random")
+            log_random_init(_logger, "efficientnet-lite0")
         model.reset_classifier(0)  # the 1000-class head is not part of the encoder
         self.model = model.to(memory_format=torch.channels_last)  # see forward()
         self.image_size = model.pretrained_cfg["input_size"][-1]

@@ -35,9 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsitr.errors import ConfigError, DataError
+from rsitr.errors import ConfigError, DataError, MissingDependencyError
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder
-from rsitr.models.encoders._weights import WeightsSource, load_state_dict_file, resolve_file, sha256_file
+from rsitr.models.encoders._weights import (
+    WeightsSource,
+    is_path,
+    load_state_dict_file,
+    log_random_init,
+    resolve_file,
+    sha256_file,
+)
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
 
 __all__ = [
@@ -466,6 +473,7 @@ class GswinEncoder(ImageEncoder):
         self.name = name
         self.image_size = image_size
         self.pool = pool
+        self.window = window
         self.options = {
             "embed_dim": embed_dim, "depths": list(depths), "num_heads": list(num_heads), "window": window,
             "patch_size": patch_size, "mlp_ratio": mlp_ratio, "no_global_window": no_global_window,
@@ -614,18 +622,30 @@ def swin_key_map(key: str) -> str | None:
 def load_swin_weights(model: GswinEncoder, state: dict[str, Tensor]) -> tuple[list[str], list[str]]:
     """Copy timm Swin weights into ``model`` where a mapped key exists with the same shape.
 
+    Relative position bias tables of another window size (Swin-T's window 7 → Gswin's 8) are
+    resampled with timm's ``resize_rel_pos_bias_table``, not left random.
+
     Args:
         model: the Gswin encoder.
         state: a timm ``swin_*`` state dict (e.g. ``swin_tiny_patch4_window7_224``).
 
     Returns:
-        ``(loaded, skipped)`` Gswin / Swin key lists (a window-7 checkpoint's relative position
-        tables do not fit window 8 and are skipped, as are unmatched keys).
+        ``(loaded, skipped)`` Gswin / Swin key lists (unmatched keys and other shape mismatches
+        are skipped).
     """
+    from timm.layers import resize_rel_pos_bias_table
+
     own = model.state_dict()
     loaded, skipped, updates = [], [], {}
     for key, value in state.items():
         target = swin_key_map(key)
+        resample = (
+            target is not None and target.endswith("relative_position_bias_table") and target in own
+            and own[target].shape != value.shape and value.shape[1:] == own[target].shape[1:]
+        )  # fmt: skip
+        if resample:  # another window size: resample the (2w−1)² table
+            w = model.window
+            value = resize_rel_pos_bias_table(value, (w, w), tuple(own[str(target)].shape))
         if target is not None and target in own and own[target].shape == value.shape:
             updates[target] = value
             loaded.append(target)
@@ -635,22 +655,49 @@ def load_swin_weights(model: GswinEncoder, state: dict[str, Tensor]) -> tuple[li
     return loaded, skipped
 
 
+#: the ImageNet Swin-T that ``gswin`` starts from by default (timm name and tag, on the HF hub)
+SWIN_T = "swin_tiny_patch4_window7_224.ms_in1k"
+
+
+def _swin_state(spec: EncoderSpec) -> tuple[dict[str, Tensor], WeightsSource]:
+    """The Swin state dict named by ``gswin@…``: a local file, or a timm name (default Swin-T)."""
+    weights = spec.weights or SWIN_T
+    if is_path(weights):
+        path = resolve_file(weights, spec.spec)
+        return load_state_dict_file(Path(path)), WeightsSource("file", str(path), sha256_file(path))
+    import timm
+
+    try:
+        swin = timm.create_model(weights, pretrained=True, num_classes=0)
+    except (OSError, RuntimeError) as e:  # hub errors (offline, not cached, no connection)
+        raise MissingDependencyError(
+            f"{spec.spec}: the ImageNet Swin weights timm/{weights} are not available offline "
+            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); download them "
+            f"once with network (timm.create_model('{weights}', pretrained=True)), pass "
+            f"gswin@/path/to/swin_t.safetensors, or write pretrained: false for random weights"
+        ) from None
+    return swin.state_dict(), WeightsSource("tag", weights)
+
+
 def _create(spec: EncoderSpec, pretrained: bool, options: dict[str, Any]) -> GswinEncoder:
     model = GswinEncoder(**options, name=spec.name)
-    if spec.weights is None or not pretrained:
+    if not pretrained:
+        log_random_init(_logger, spec.name)
         return model
-    path = resolve_file(spec.weights, spec.spec)
-    loaded, skipped = load_swin_weights(model, load_state_dict_file(Path(path)))
+    if spec.name == "gswin-tiny" and spec.weights is None:  # no ImageNet weights exist at this width
+        _logger.info("gswin-tiny: no pretrained weights exist at this size; trained from random init")
+        return model
+    state, source = _swin_state(spec)
+    loaded, skipped = load_swin_weights(model, state)
     if not loaded:
-        raise DataError("no Swin weights match this Gswin's shapes (expected a timm swin_* state dict)", path)
+        raise DataError(
+            "no Swin weights match this Gswin's shapes (expected a timm swin_* state dict)", source.ref
+        )
     _logger.info(
-        "%s: %d tensors from Swin weights %s (%d skipped: shape or name mismatch)",
-        spec.name,
-        len(loaded),
-        path,
-        len(skipped),
-    )
-    model.weights = WeightsSource("file", str(path), sha256_file(path))
+        "%s: %d tensors from Swin weights %s (%d skipped: name or shape mismatch)",
+        spec.name, len(loaded), source.ref, len(skipped),
+    )  # fmt: skip
+    model.weights = source
     return model
 
 
@@ -669,8 +716,10 @@ def gswin(
     no_shifted_window: bool = False,
     pool: Literal["first", "mean"] = "first",
 ) -> GswinEncoder:
-    """Gswin with Swin-T widths (C = 96, heads 3/6/12/24), 256 px; ``gswin@/path/swin_t.safetensors``
-    initialises from timm Swin-T weights where shapes match (random otherwise)."""
+    """Gswin with Swin-T widths (C = 96, heads 3/6/12/24), 256 px, initialised from ImageNet Swin-T:
+    ``gswin`` loads timm's ``swin_tiny_patch4_window7_224.ms_in1k`` by name, ``gswin@<timm name>``
+    another Swin, ``gswin@/path/swin_t.safetensors`` a local state dict (where shapes match;
+    window-7 position tables resampled to window 8)."""
     opts = {k: v for k, v in locals().items() if k not in ("spec", "pretrained")}
     return _create(spec, pretrained, opts)
 

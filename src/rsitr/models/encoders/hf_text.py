@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from rsitr.errors import ConfigError, DataError, MissingDependencyError
 from rsitr.models.encoders._factory import EncoderSpec, register_text_encoder
-from rsitr.models.encoders._weights import WeightsSource, resolve_file, sha256_file
+from rsitr.models.encoders._weights import WeightsSource, log_random_init, resolve_file, sha256_file
 from rsitr.models.encoders.base import TextEncoder, TextOutput, masked_mean
 
 __all__ = ["HFTextEncoder"]
@@ -82,12 +82,14 @@ class HFTextEncoder(TextEncoder):
                 f"{name}: hugging face model {source!r} is not available offline; "
                 "download it or pass a local path"
             ) from None
+        if getattr(self.model, "pooler", None) is not None:
+            # BERT's NSP pooler never reaches a loss (``pooled`` is the CLS state or the mean), and
+            # an unused trainable layer makes DDP fail at its second step.
+            self.model.pooler = None
         self.weights = _weights_source(source, is_local, pretrained, package)
         self.num_features = self.token_dim = self.model.config.hidden_size
-        if self.weights.kind == "random":  # e.g. rebuilt before a checkpoint's weights are loaded
-            _logger.info(
-                "%s: architecture and tokenizer from %s, random init (no weights loaded)", name, source
-            )
+        if self.weights.kind == "random":
+            log_random_init(_logger, name, f"architecture and tokenizer from {source}")
         else:
             _logger.info("%s: loaded %s (%s)", name, source, self.weights.kind)
 

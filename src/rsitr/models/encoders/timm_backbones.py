@@ -2,13 +2,15 @@
 
 Weights (``name[@weights]``):
 
-* no ``@``: timm's default pretrained ImageNet weights through the hub. If they cannot be
-  fetched (offline, not cached), a warning is logged and the model is randomly initialised.
+* no ``@``: the family's default ImageNet weights through the hub: torchvision's V1 weights for
+  the ResNets (``tv_in1k``, what the MSA and AMFMN reference code load), timm's default tag
+  otherwise. If they cannot be fetched (offline, not cached), building fails with one line that
+  names the weights and how to get them; nothing falls back to random weights.
 * ``@/path/w.safetensors`` (or ``.pth``/``.pt``/``.bin``): a local state dict, timm or torchvision
   key names (identical for ResNets), optionally wrapped in ``"state_dict"`` and prefixed ``module.``.
   The classifier may be present; it is dropped.
 * ``@tag``: a timm pretrained tag (``resnet50@a1_in1k``); failing to fetch it is an error.
-* option ``pretrained=False``: random initialisation, no weights at all.
+* ``pretrained: false`` (written out in the config): random initialisation, no weights at all.
 
 Maps: four taps at strides 4/8/16/32 (ResNet C2–C5, Swin's 4 stages); the plain ViT has a single
 stride (16), so it taps 4 evenly spaced blocks (3, 6, 9, 12 of 12) reshaped to stride-16 maps.
@@ -30,6 +32,7 @@ from rsitr.models.encoders._weights import (
     is_path,
     load_into,
     load_state_dict_file,
+    log_random_init,
     resolve_file,
     sha256_file,
 )
@@ -101,37 +104,33 @@ class TimmImageEncoder(ImageEncoder):
         return {**super().identity(), "weights": self.weights.as_dict()}
 
 
-def _create(name: str, arch: str, spec: EncoderSpec, pretrained: bool) -> TimmImageEncoder:
+def _create(
+    name: str, arch: str, spec: EncoderSpec, pretrained: bool, default_tag: str | None = None
+) -> TimmImageEncoder:
     if not pretrained:
-        _logger.info("%s: pretrained=False, random initialisation", name)
+        log_random_init(_logger, name)
         return TimmImageEncoder(
             name, timm.create_model(arch, pretrained=False, num_classes=0), WeightsSource("random")
         )
-    if spec.weights is None:
-        try:
-            model = timm.create_model(arch, pretrained=True, num_classes=0)
-        except OSError as e:  # hub errors (offline, not cached, no connection) are OSErrors
-            reason = str(e).splitlines()[0]
-            _logger.warning(
-                f"{name}: timm's pretrained ImageNet weights are not available ({reason}); using RANDOM "
-                f"initialisation (pretrained=False). Pass {name}@/path/to/weights.safetensors for local ones."
-            )
-            return _create(name, arch, spec, pretrained=False)
-        return TimmImageEncoder(name, model, WeightsSource("tag", _tag(model)))
-    if is_path(spec.weights):
+    if spec.weights is not None and is_path(spec.weights):
         path = resolve_file(spec.weights, spec.spec)
         model = timm.create_model(arch, pretrained=False, num_classes=0)
         classifier = model.pretrained_cfg.get("classifier") or "fc"
         load_into(model, load_state_dict_file(path), path, ignore_unexpected=[f"{classifier}."])
         _logger.info("%s: loaded weights from %s", name, path)
         return TimmImageEncoder(name, model, WeightsSource("file", str(path), sha256_file(path)))
+    tag = spec.weights or default_tag
+    full = f"{arch}.{tag}" if tag else arch
     try:
-        model = timm.create_model(f"{arch}.{spec.weights}", pretrained=True, num_classes=0)
-    except OSError as e:
+        model = timm.create_model(full, pretrained=True, num_classes=0)
+    except (OSError, RuntimeError) as e:  # hub errors (offline, not cached, no connection)
         raise MissingDependencyError(
-            f"{spec.spec}: timm weights {arch}.{spec.weights} are not available offline "
-            f"({str(e).splitlines()[0]}); download them or pass a local weights path"
+            f"{spec.spec}: the pretrained weights timm/{full} are not available offline "
+            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); download them "
+            f"once with network (timm.create_model('{full}', pretrained=True)), pass "
+            f"{name}@/path/to/weights.safetensors, or write pretrained: false for random weights"
         ) from None
+    _logger.info("%s: loaded timm/%s", name, full)
     return TimmImageEncoder(name, model, WeightsSource("tag", _tag(model)))
 
 
@@ -143,19 +142,19 @@ def _tag(model: nn.Module) -> str:
 @register_image_encoder("resnet18")
 def resnet18(spec: EncoderSpec, pretrained: bool = True) -> TimmImageEncoder:
     """ResNet-18 (512-d pooled, C2–C5 taps)."""
-    return _create("resnet18", "resnet18", spec, pretrained)
+    return _create("resnet18", "resnet18", spec, pretrained, default_tag="tv_in1k")
 
 
 @register_image_encoder("resnet50")
 def resnet50(spec: EncoderSpec, pretrained: bool = True) -> TimmImageEncoder:
     """ResNet-50 (2048-d pooled, C2–C5 taps)."""
-    return _create("resnet50", "resnet50", spec, pretrained)
+    return _create("resnet50", "resnet50", spec, pretrained, default_tag="tv_in1k")
 
 
 @register_image_encoder("resnet101")
 def resnet101(spec: EncoderSpec, pretrained: bool = True) -> TimmImageEncoder:
     """ResNet-101 (2048-d pooled, C2–C5 taps)."""
-    return _create("resnet101", "resnet101", spec, pretrained)
+    return _create("resnet101", "resnet101", spec, pretrained, default_tag="tv_in1k")
 
 
 @register_image_encoder("vit-b-16")

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsitr.errors import ConfigError
-from rsitr.losses.contrastive import LearnableTemperature, positives_from_ids, queue_infonce
+from rsitr.losses.contrastive import LearnableTemperature, batch_positives, queue_infonce
 from rsitr.losses.triplet import optimized_triplet
 from rsitr.models.ema import MeanTeacher
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
@@ -194,6 +194,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("image", torch.zeros(size, dim), persistent=False)
         self.register_buffer("text", torch.zeros(size, dim), persistent=False)
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("text_ids", torch.full((size,), -1, dtype=torch.long), persistent=False)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
@@ -207,11 +208,13 @@ class FeatureQueue(nn.Module):
         self.image = torch.zeros(size, self.dim, device=dev)
         self.text = torch.zeros(size, self.dim, device=dev)
         self.ids = torch.full((size,), -1, dtype=torch.long, device=dev)
+        self.text_ids = torch.full((size,), -1, dtype=torch.long, device=dev)
         self.ptr = torch.zeros((), dtype=torch.long, device=dev)
 
     @torch.no_grad()
-    def push(self, image: Tensor, text: Tensor, ids: Tensor) -> None:
-        """Enqueue (n, D), (n, D), (n,) over the oldest entries (the newest M when n > M)."""
+    def push(self, image: Tensor, text: Tensor, ids: Tensor, text_ids: Tensor | None = None) -> None:
+        """Enqueue (n, D), (n, D), (n,) [and (n,) caption text ids] over the oldest entries (the
+        newest M when n > M)."""
         m = self.size
         if m == 0:
             return
@@ -220,6 +223,7 @@ class FeatureQueue(nn.Module):
         self.image[slots] = image.detach().to(self.image.dtype)
         self.text[slots] = text.detach().to(self.text.dtype)
         self.ids[slots] = ids
+        self.text_ids[slots] = -1 if text_ids is None else text_ids[-m:]
         self.ptr.copy_((self.ptr + ids.numel()) % m)
 
 
@@ -355,6 +359,7 @@ def mask_tokens(
         special_ids: (S,) ids never masked ([CLS], [SEP], [PAD]…).
         probability: share of eligible tokens chosen (the paper: 15%).
         generator: optional RNG (tests).
+        text_ids: (B,) caption text ids: a pair with the same caption text is no negative either.
 
     Returns:
         ``(masked_ids, labels)``, both (B, L).
@@ -372,7 +377,7 @@ def mask_tokens(
 
 @torch.no_grad()
 def hard_negatives(
-    sim: Tensor, ids: Tensor, generator: torch.Generator | None = None
+    sim: Tensor, ids: Tensor, generator: torch.Generator | None = None, text_ids: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ITM hard negatives (ALBEF): for every caption an image, for every image a caption, sampled
     ∝ softmax of the ITC similarities over the in-batch *negatives* (pairs of another image).
@@ -388,6 +393,8 @@ def hard_negatives(
         not, the sample is meaningless and must be dropped).
     """
     neg = ids[:, None] != ids[None, :]  # (B, B) image i vs caption j
+    if text_ids is not None:
+        neg = neg & (text_ids[:, None] != text_ids[None, :])
     has_txt, has_img = neg.any(1), neg.any(0)
     w_txt = sim.masked_fill(~neg, float("-inf")).softmax(1)  # for each image, over captions
     w_img = sim.T.masked_fill(~neg.T, float("-inf")).softmax(1)  # for each caption, over images
@@ -528,25 +535,28 @@ class CMPAGL(RetrievalMethod):
         img = F.normalize(self.embed_image(img_feats), dim=-1)
         txt = F.normalize(self.embed_text(txt_feats), dim=-1)
         g = self.gather
-        ids = batch["image_id"]
+        ids, tids = batch["image_id"], batch.get("text_id")  # text_id: duplicate_captions=positive
         img_g, txt_g, ids_g = g(img), g(txt), g(ids)
+        tids_g = None if tids is None else g(tids)
         scale = self.logit_scale()
         terms: dict[str, Tensor] = {}
         if cfg.itc_weight > 0:
             img_m, txt_m = (g(t) for t in self.momentum_embeddings(batch, img_feats, txt_feats))
             q = self.queue
+            key_tids = None if tids_g is None else torch.cat([tids_g, q.text_ids])
             terms["itc"] = queue_infonce(
                 img_g, txt_g, ids_g,
                 torch.cat([img_m, q.image]), torch.cat([txt_m, q.text]), torch.cat([ids_g, q.ids]), scale,
+                text_ids=tids_g, key_text_ids=key_tids,
             )  # fmt: skip
             if self.training:
-                q.push(img_m, txt_m, ids_g)
+                q.push(img_m, txt_m, ids_g, tids_g)
                 self._pairs_this_step += ids_g.numel()
         if cfg.triplet_weight > 0:
-            pos = positives_from_ids(ids_g)
+            pos = batch_positives({"image_id": ids_g} | ({} if tids_g is None else {"text_id": tids_g}))
             terms["triplet"] = optimized_triplet(img_g @ txt_g.T, pos, cfg.margin, cfg.triplet_reduction)
         if cfg.itm_weight > 0:
-            terms["itm"] = self.itm_loss(img, txt, ids, img_feats, txt_feats, scale.detach())
+            terms["itm"] = self.itm_loss(img, txt, ids, img_feats, txt_feats, scale.detach(), tids)
         if cfg.mlm_weight > 0:
             terms["mlm"] = self.mlm_loss(img_feats, txt_feats)
         out = {f"{k}_loss": getattr(cfg, f"{k}_weight") * v for k, v in terms.items()}
@@ -599,13 +609,16 @@ class CMPAGL(RetrievalMethod):
         return torch.cat([cls, y[:, 0]], dim=-1)
 
     def itm_loss(
-        self, img: Tensor, txt: Tensor, ids: Tensor, img_feats: Features, txt_feats: Features, scale: Tensor
-    ) -> Tensor:
+        self, img: Tensor, txt: Tensor, ids: Tensor, img_feats: Features, txt_feats: Features, scale: Tensor,
+        text_ids: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """L_ITM (Eq. 21): the B matching pairs, plus for every caption a hard negative image and for
         every image a hard negative caption (:func:`hard_negatives`); the multimodal encoder scores
         all of them in one pass."""
         b = ids.numel()
-        neg_img, neg_txt, has_img, has_txt = hard_negatives((img @ txt.T).detach().float() * scale, ids)
+        neg_img, neg_txt, has_img, has_txt = hard_negatives(
+            (img @ txt.T).detach().float() * scale, ids, text_ids=text_ids
+        )
         ar = torch.arange(b, device=ids.device)
         img_idx = torch.cat([ar, neg_img[has_img], ar[has_txt]])
         txt_idx = torch.cat([ar, ar[has_img], neg_txt[has_txt]])

@@ -130,6 +130,7 @@ class DualEncoder(RetrievalMethod):
         if in_drop is None:
             in_drop = cfg.dropout if cfg.head == "mlp" else 0.0
         head = (cfg.head, cfg.head_hidden, cfg.dropout, in_drop, cfg.input_norm)
+
         def heads(in_dim: int) -> nn.Module:
             if cfg.members == 1:
                 return projection_head(in_dim, cfg.embed_dim, *head)

@@ -102,7 +102,11 @@ class MSAConfig:
         align_scales: 1-based scales that get an MSCMAT and enter L_MSCMA/L_CSMMC (Table IX);
             the largest listed scale is the L_CSMMC teacher mⁿ.
         tau: temperature τ of L_CMA (Eq. 14).
-        mu: softmax temperature μ of L_MMC (Eq. 16; the code's 2).
+        mu: softmax temperature μ of L_MMC (Eq. 16). ``None`` (default): μ = τ for ``score: dot``,
+            whose scores are cosines in [−1, 1], so L_MMC compares the same sharp distributions
+            that L_CMA trains; 2 for ``score: reference``, the code's μ on its sigmoid scores in
+            [0, 1]. (The code's μ = 2 on cosines makes both softmaxes near uniform: L_MMC ≈ 1e-3
+            and β·L_CSMMC ≈ 0.1 beside α·L_MSCMA ≈ 250, i.e. no effect.)
         csmmc_axis: softmax over ``row`` s (Eq. 16) or ``column`` s (the code).
         margin: triplet margin d (Eq. 7).
         negatives: triplet negatives, ``hardest`` (max-violation, as the code) or ``all`` (sum).
@@ -129,7 +133,7 @@ class MSAConfig:
     score: Literal["dot", "reference"] = "dot"
     align_scales: tuple[int, ...] = (1, 2, 3, 4)
     tau: float = 0.07
-    mu: float = 2.0
+    mu: float | None = None
     csmmc_axis: Literal["row", "column"] = "row"
     margin: float = 0.2
     negatives: Literal["hardest", "all"] = "hardest"
@@ -162,13 +166,20 @@ class MSAConfig:
             )
         object.__setattr__(self, "align_scales", tuple(sorted(scales)))
         for name in ("tau", "mu"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def image_mode(self) -> str:
         """``global`` (the encoder's pooled head feature) or ``multiscale`` (fusion, Eq. 5–6)."""
         return PRESETS[self.preset][0]
+
+    @property
+    def mu_value(self) -> float:
+        """μ in effect (the explicit value, else τ for cosine scores and 2 for the code's scores)."""
+        if self.mu is not None:
+            return float(self.mu)
+        return 2.0 if self.score == "reference" else self.tau
 
     @property
     def alpha_value(self) -> float:
@@ -318,18 +329,21 @@ class MSA(RetrievalMethod):
         if cfg.top_scale == "head":
             self.scale_keys[-1] = "pooled"
         norm = cfg.input_norm
+        needs_mscmat = self.alpha > 0 or self.beta > 0
+        multiscale = cfg.image_mode == "multiscale"
+        # Only the layers this preset uses are built (an unused trainable layer breaks DDP):
+        # ``base`` has no Lⁱ or fusion, and MSCMAT's token projection exists only with α or β > 0.
         self.scale_proj = nn.ModuleList(
             projection_head(c, d, "linear", 0, 0.0, input_norm=norm) for c in chs
-        )  # Lⁱ, Eq. 2
-        self.fusion_gate = nn.Linear(d, d)  # L^ms, Eq. 6
+        ) if (multiscale or needs_mscmat) else nn.ModuleList()  # Lⁱ, Eq. 2  # fmt: skip
+        self.fusion_gate = nn.Linear(d, d) if multiscale else None  # L^ms, Eq. 6
         self.global_proj = (
             projection_head(image_encoder.num_features, d, "linear", 0, 0.0, input_norm=norm)
-            if cfg.image_mode == "global"
+            if not multiscale
             else None
         )
         self.text_proj = nn.Linear(text_encoder.num_features, d)  # t^cls′
-        self.token_proj = nn.Linear(text_encoder.token_dim, d)  # t^local′ (Eq. 10–11 input)
-        needs_mscmat = self.alpha > 0 or self.beta > 0
+        self.token_proj = nn.Linear(text_encoder.token_dim, d) if needs_mscmat else None  # t^local′
         self.mscmat = nn.ModuleDict(
             {
                 str(s): MSCMAT(d, cfg.num_heads, cfg.attention, cfg.mscmat, cfg.score)
@@ -359,6 +373,7 @@ class MSA(RetrievalMethod):
 
     def fuse(self, scales: list[Tensor]) -> Tensor:
         """v″ = Sigmoid(L^ms(Σᵢ v^i′)) ⊙ Σᵢ v^i′ (Eq. 5–6; ⊕ is element-wise addition)."""
+        assert self.fusion_gate is not None, "fuse() needs a multiscale preset"
         total = torch.stack(scales).sum(0)
         return torch.sigmoid(self.fusion_gate(total)) * total
 
@@ -378,6 +393,7 @@ class MSA(RetrievalMethod):
 
     def text_tokens(self, feats: Features) -> tuple[Tensor, Tensor]:
         """t^local′ (B, L, d) and its bool mask (B, L)."""
+        assert self.token_proj is not None, "text_tokens() needs MSCMAT (alpha or beta > 0)"
         return self.token_proj(feats["tokens"]), feats["mask"] > 0.5
 
     def scale_scores(self, scales: list[Tensor], txt_feats: Features, cls: Tensor) -> list[Tensor]:
@@ -423,7 +439,7 @@ class MSA(RetrievalMethod):
         if self.beta > 0 and len(m) > 1:
             teacher = m[-1]
             csmmc = torch.stack(
-                [score_distribution_kl(mi, teacher, self.cfg.mu, self.cfg.csmmc_axis) for mi in m[:-1]]
+                [score_distribution_kl(mi, teacher, self.cfg.mu_value, self.cfg.csmmc_axis) for mi in m[:-1]]
             ).sum()
             out["csmmc"] = csmmc.detach()
             out["csmmc_loss"] = self.beta * csmmc

@@ -314,7 +314,7 @@ class RDB(RetrievalMethod):
                 self.text_head.train(was[1])
             extra = {"teacher_img": self.gather(t_img), "teacher_txt": self.gather(t_txt)}
             extra["teacher_cls"] = t_cls
-        gathered = {k: self.gather(v) for k, v in batch.items() if k in ("image_id", "scene")}
+        gathered = {k: self.gather(v) for k, v in batch.items() if k in ("image_id", "scene", "text_id")}
         return self.losses(self.gather(img), self.gather(txt), {**batch, **gathered, **extra})
 
     def ema_ramp(self) -> float:

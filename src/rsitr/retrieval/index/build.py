@@ -360,7 +360,16 @@ def build_index(
             if to_embed:
                 assert method is not None
                 _embed_files(
-                    method, root, to_embed, store, gen, batch_size, workers, device, report, progress,
+                    method,
+                    root,
+                    to_embed,
+                    store,
+                    gen,
+                    batch_size,
+                    workers,
+                    device,
+                    report,
+                    progress,
                     views,
                 )
             report.added, report.removed = store.pending_changes(gen)
