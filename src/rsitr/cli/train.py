@@ -36,6 +36,15 @@ def train_cmd(
         list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=3e-4.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <out_dir>/last.")] = False,
+    smoke: Annotated[
+        bool,
+        typer.Option(
+            "--smoke",
+            help="Check the config before renting a GPU: its model with random weights, 2 steps and "
+            "one evaluation on a tiny synthetic corpus; prints parameters, step time, peak memory.",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --smoke: the report as JSON.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a method from a typed YAML config; selects the best epoch on the validation split."""
@@ -43,6 +52,9 @@ def train_cmd(
 
     setup_logging(verbose)
     cfg = load_config(config, overrides or [])
+    if smoke:
+        _smoke(cfg, str(config), as_json)
+        return
     summary = Trainer(cfg, resume=resume).fit()
     if summary.get("best_val"):
         console.print(f"[bold]best epoch {summary['best_epoch']}[/bold] (validation split, ties {cfg.ties})")
@@ -56,6 +68,33 @@ def train_cmd(
         f"features {summary['feature_seconds']} s, training {summary['train_seconds']} s; "
         f"checkpoint {summary['checkpoint']}"
     )
+
+
+def _smoke(cfg: Any, name: str, as_json: bool) -> None:
+    from rich.table import Table
+
+    from rsitr.training.smoke import run_smoke
+
+    report = run_smoke(cfg, name)
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"smoke: {name} ({report['method']}, {report['device']})")
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    rows = [
+        ("parameters used at inference", f"{report['params_inference']:,}"),
+        ("parameters trained", f"{report['params_trained']:,}"),
+        ("parameters in all", f"{report['params_total']:,}"),
+        (f"seconds per optimiser step ({report['steps']} steps)", f"{report['step_seconds']:.3f}"),
+        ("peak memory (MiB)", f"{report['peak_memory_mb']:,.0f}"),
+        ("evaluation mR (random weights)", f"{report['val_mR']:.2f}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for note in report["substitutes"]:
+        console.print(f"substitute: {note}")
 
 
 def _load(checkpoint: Path, device: str) -> Any:

@@ -110,6 +110,8 @@ class Trainer:
         show_progress: draw progress bars (rank 0 only).
         stop_after: end this run after that many epochs (the schedule still spans
             ``optim.epochs``); ``--resume`` continues it. For time-budgeted sessions.
+        max_steps: end the epoch after that many optimiser steps, then validate and stop
+            (``--smoke``). :attr:`step_seconds` holds the wall time of every step.
     """
 
     def __init__(
@@ -118,8 +120,11 @@ class Trainer:
         resume: bool = False,
         show_progress: bool = True,
         stop_after: int | None = None,
+        max_steps: int | None = None,
     ) -> None:
         self.cfg = cfg
+        self.max_steps = max_steps
+        self.step_seconds: list[float] = []
         self.resume = resume
         self.stop_after = stop_after
         self.device = resolve_device(cfg.device)
@@ -609,6 +614,9 @@ class Trainer:
             with self._progress(f"epoch {epoch + 1}/{cfg.optim.epochs}") as bar:
                 task = bar.add_task("", total=len(batches))
                 for done, micros in enumerate(batches, start=1):
+                    if self.max_steps is not None and step >= self.max_steps:
+                        break
+                    t_step = time.perf_counter()
                     optimizer.zero_grad(set_to_none=True)
                     for a, micro in enumerate(micros):
                         if raw is None:
@@ -631,6 +639,9 @@ class Trainer:
                     optimizer.step()
                     scheduler.step()
                     self.method.on_step_end()
+                    if self.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    self.step_seconds.append(time.perf_counter() - t_step)
                     step += 1
                     bar.update(task, advance=1)
                     if step % cfg.log_every == 0:
