@@ -433,7 +433,9 @@ def mr(scores: np.ndarray, p: MRParams) -> Reranked:
 
 @dataclass(frozen=True)
 class SMRParams:
-    """CMPAGL SMR parameters (defaults: the paper's best, k=10, γ1=0.9, γ2=1.9)."""
+    """CMPAGL SMR parameters: γ1 = 0.9, γ2 = 1.9 are the paper's best (its grid search on RSITMD,
+    §IV-D); the paper gives no K, so k = 10 is our choice (the K of MR/GaLR's reranking code);
+    tune it on a validation split with ``rsitr tune-rerank``."""
 
     k: int = 10
     gamma1: float = 0.9
