@@ -38,14 +38,17 @@ def test_batch_positives_add_duplicate_captions_only_when_asked() -> None:
 
 
 def test_triplet_hardest_and_all() -> None:
-    sim = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.6, 0.2], [0.0, 0.1, 0.7]])
+    # image 0 has two violating negative captions (0.40 and 0.45 against its 0.50), so the
+    # hardest (max) and all (sum) modes must differ
+    sim = torch.tensor([[0.50, 0.40, 0.45], [0.30, 0.60, 0.10], [0.20, 0.50, 0.70]])
     pos = torch.eye(3, dtype=torch.bool)
     m = 0.2
-    # pair 0: txt negatives of image 0: 0.5, 0.1 → [0.2-0.9+0.5]+ = 0 ; img negatives of caption 0: 0.8 → 0.1
-    # pair 1: txt negs of image 1: 0.8 → 0.4, 0.2 → 0 ; img negs of caption 1: 0.5 → 0.1, 0.1 → 0
-    # pair 2: txt negs: 0.0, 0.1 → 0 ; img negs of caption 2: 0.1, 0.2 → 0
-    hardest = (0.1 + 0.4 + 0.1) / 3
-    assert torch.isclose(hinge_triplet(sim, pos, m, "hardest"), torch.tensor(hardest))
-    assert torch.isclose(hinge_triplet(sim, pos, m, "all"), torch.tensor(hardest))
+    # pair 0: captions of image 0: [.2-.5+.4]+ = .10, [.2-.5+.45]+ = .15; images of caption 0: 0, 0
+    # pair 1: captions of image 1: 0, 0; images of caption 1: [.2-.6+.4]+ = 0, [.2-.6+.5]+ = .10
+    # pair 2: nothing violates
+    hardest = (0.15 + 0.10) / 3
+    total = (0.10 + 0.15 + 0.10) / 3
+    assert torch.isclose(hinge_triplet(sim, pos, m, "hardest"), torch.tensor(hardest), atol=1e-6)
+    assert torch.isclose(hinge_triplet(sim, pos, m, "all"), torch.tensor(total), atol=1e-6)
     pos2 = positives_from_ids(torch.tensor([0, 0, 1]))  # captions 0 and 1 share an image
     assert hinge_triplet(sim, pos2, m, "all") < hinge_triplet(sim, pos, m, "all")

@@ -55,8 +55,18 @@ def test_rdb_trains_from_cache_and_resumes(tiny_synth: Path, tmp_path: Path) -> 
     m = load_method(run_dir / "best" / "model.safetensors")
     assert m.cfg.num_classes == 12 and m.classifier is not None
     assert m.encode_text(**m.tokenize(["a plane"])).shape == (1, 32)
-    # the EMA teacher moved away from its initial copy of the student
-    assert m.teacher is not None and m.step.item() > 0
+    # the EMA teacher moved away from the student's initial weights, and lags the trained student
+    from rsitr.models import create_method
+    from rsitr.training.trainer import seed_everything
+
+    seed_everything(cfg.seed, cfg.deterministic)
+    model_cfg = {**cfg.model, "num_classes": 12}
+    init = dict(create_method("rdb", model_cfg, pretrained=False).named_parameters())
+    student = dict(m.named_parameters())
+    assert m.teacher is not None and m.step.item() > 0 and m.teacher.names
+    teacher = {n: getattr(m.teacher, f"p{i}") for i, n in enumerate(m.teacher.names)}
+    assert any(not torch.equal(teacher[n], init[n].detach()) for n in teacher)
+    assert any(not torch.equal(teacher[n], student[n].detach()) for n in teacher)
 
     # rsitr evaluate --report writes the Fig. 1 motivation plot (before / after, by scene)
     report = tmp_path / "report"
@@ -81,5 +91,10 @@ def test_rdb_trains_from_cache_and_resumes(tiny_synth: Path, tmp_path: Path) -> 
             show_progress=False).fit()  # fmt: skip
     wa = load_file(str(run_dir / "last" / "model.safetensors"))
     wb = load_file(str(b / "run" / "last" / "model.safetensors"))
-    for k in wa:
-        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5, equal_nan=True), k
+    assert wa.keys() == wb.keys()
+    for k in wa:  # CPU resume is deterministic: bit for bit, and finite
+        if k == "weighting.history":  # DWA's two-epoch history: NaN marks "not yet" (unused by A7)
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, equal_nan=True)
+            continue
+        assert torch.isfinite(wa[k].float()).all(), k
+        assert torch.equal(wa[k], wb[k]), k
