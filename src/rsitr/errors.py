@@ -43,3 +43,7 @@ class ConfigError(RsitrError, ValueError):
 
 class MissingDependencyError(RsitrError, ImportError):
     """An optional dependency or weight file is missing; the message says what to install."""
+
+
+class TrainingError(RsitrError, RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and the loss term."""

@@ -22,7 +22,14 @@ from rsitr.errors import DataError
 from rsitr.models.checkpoint import MODEL_FILE, load_method, read_metadata, save_method
 from rsitr.models.methods.base import RetrievalMethod
 
-__all__ = ["load_method", "load_training_state", "read_metadata", "save_checkpoint", "save_method"]
+__all__ = [
+    "load_method",
+    "load_training_state",
+    "read_metadata",
+    "recover_checkpoint",
+    "save_checkpoint",
+    "save_method",
+]
 
 OPTIM_FILE = "optim.safetensors"
 STATE_FILE = "state.json"
@@ -39,6 +46,41 @@ def git_commit() -> str | None:
         return None
 
 
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: ``RSITR_CRASH_AT=name`` kills this process (SIGKILL)
+    here, as a power cut would. Unset in normal runs, where this does nothing."""
+    if os.environ.get("RSITR_CRASH_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file() and (folder / MODEL_FILE).is_file()
+
+
+def recover_checkpoint(folder: str | Path) -> Path | None:
+    """The complete checkpoint at ``folder``, restored from an interrupted save if needed.
+
+    A save writes ``<folder>.tmp`` (``state.json`` last), moves ``folder`` to ``<folder>.old``,
+    then ``<folder>.tmp`` to ``folder``. A kill between the two moves leaves no ``folder``: the
+    newer complete ``.tmp`` (else the ``.old``) is then moved back into place.
+
+    Returns:
+        ``folder`` when it now holds a complete checkpoint, else ``None``.
+    """
+    folder = Path(folder)
+    if _complete(folder):
+        return folder
+    for candidate in (folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")):
+        if _complete(candidate):
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(candidate, folder)
+            return folder
+    return None
+
+
 def save_checkpoint(
     folder: str | Path,
     method: RetrievalMethod,
@@ -46,8 +88,13 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str | None = None,
 ) -> Path:
-    """Write a full training checkpoint folder atomically (write to a temp folder, then swap)."""
+    """Write a full training checkpoint folder atomically (write to a temp folder, then swap).
+
+    At every instant a complete checkpoint exists under ``folder``, ``<folder>.tmp`` or
+    ``<folder>.old``, and :func:`recover_checkpoint` finds it after a kill.
+    """
     folder = Path(folder)
+    recover_checkpoint(folder)  # a kill between the swaps of the last save: put it back first
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -57,14 +104,16 @@ def save_checkpoint(
         tensors, opt_meta = _flatten_optimizer(optimizer)
         save_file(tensors, str(tmp / OPTIM_FILE))
         state = {**state, "optimizer": opt_meta}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     if config_yaml is not None:
         (tmp / "train_config.yaml").write_text(config_yaml)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: marks the folder complete
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(folder, old)
+    if old.exists():  # the window where only <folder>.old and <folder>.tmp hold checkpoints
+        crash_point(f"checkpoint-swap:{folder.name}")
     os.replace(tmp, folder)
     if old.exists():
         shutil.rmtree(old)

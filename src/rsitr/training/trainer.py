@@ -27,7 +27,7 @@ from torch import Tensor
 from rsitr.data.corpus import RetrievalCorpus
 from rsitr.data.loading import load_corpus
 from rsitr.data.text_views import text_view
-from rsitr.errors import ConfigError, RsitrError
+from rsitr.errors import ConfigError, RsitrError, TrainingError
 from rsitr.models import create_method
 from rsitr.models.encoders.base import trim_padding
 from rsitr.models.methods.base import RetrievalMethod
@@ -41,7 +41,13 @@ from rsitr.retrieval.embed import (
     text_features,
 )
 from rsitr.retrieval.metrics import RetrievalMetrics
-from rsitr.training.checkpoint import git_commit, load_training_state, save_checkpoint
+from rsitr.training.checkpoint import (
+    crash_point,
+    git_commit,
+    load_training_state,
+    recover_checkpoint,
+    save_checkpoint,
+)
 from rsitr.training.config import TrainConfig
 from rsitr.training.distributed import DistInfo, all_gather_with_grad, barrier, init_distributed, wrap_ddp
 from rsitr.training.feature_cache import FeatureCache, cache_key, data_fingerprint, text_fingerprint
@@ -438,6 +444,25 @@ class Trainer:
             **self._text_id(torch.as_tensor(items["caption_id"])),
         }
 
+    def _check_finite(self, terms: dict[str, Tensor], total: Any, step: int, epoch: int) -> None:
+        """Stop on a NaN/inf loss before it reaches the weights; ``last`` keeps the previous epoch.
+
+        Under DDP every rank learns whether any rank saw one, so all stop together.
+        """
+        finite = torch.isfinite(total.detach()).all()  # type: ignore[union-attr]
+        if self.dist.enabled:
+            flag = finite.float().reshape(1)  # on this rank's device: CPU for gloo, CUDA for NCCL
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool().all()
+        if bool(finite):
+            return
+        bad = [k for k, v in terms.items() if k.endswith("_loss") and not torch.isfinite(v.detach()).all()]
+        raise TrainingError(
+            f"non-finite loss at step {step + 1} (epoch {epoch + 1}): "
+            f"{', '.join(bad) or 'on another rank'}; the last good checkpoint is {self.out / 'last'} "
+            "(lower optim.lr or set optim.clip_grad, then --resume)"
+        )
+
     # --- evaluation ----------------------------------------------------------------------------
     def validate(self) -> RetrievalMetrics:
         """Metrics on the validation split (cached features when available)."""
@@ -587,7 +612,7 @@ class Trainer:
         best_epoch = -1
         self._best_state: dict[str, Tensor] | None = None
         last_dir, best_dir = self.out / "last", self.out / "best"
-        if self.resume and (last_dir / "state.json").exists():
+        if self.resume and recover_checkpoint(last_dir) is not None:
             state = load_training_state(last_dir, self.method, optimizer)
             start_epoch, step, best = state["epoch"], state["step"], state["best"]
             best_epoch = state.get("best_epoch", -1)
@@ -630,6 +655,7 @@ class Trainer:
                         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                             terms = model(batch)
                         total = sum(v for k, v in terms.items() if k.endswith("_loss"))
+                        self._check_finite(terms, total, step, epoch)
                         (total / len(micros)).backward()  # type: ignore[union-attr]
                         for k, v in terms.items():
                             sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micros)
@@ -643,6 +669,7 @@ class Trainer:
                         torch.cuda.synchronize()
                     self.step_seconds.append(time.perf_counter() - t_step)
                     step += 1
+                    crash_point(f"step-{step}")
                     bar.update(task, advance=1)
                     if step % cfg.log_every == 0:
                         running = {f"train/{k}": v / max(1, done) for k, v in sums.items()}
