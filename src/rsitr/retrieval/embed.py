@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from rsitr.data.corpus import RetrievalCorpus
-from rsitr.errors import ConfigError
+from rsitr.errors import ConfigError, DataError
 from rsitr.models.encoders.base import trim_padding
 from rsitr.retrieval.metrics import RetrievalMetrics, TiePolicy, evaluate_scores
 from rsitr.retrieval.relevance import Relevance
@@ -146,7 +146,7 @@ def image_features(
         if progress is not None:
             progress(done, n)
     if not valid.all():
-        bad = [sub.images[i].filename for i in torch.flatnonzero(~valid).tolist()]
+        bad = [sub.images[i].filename for i in torch.nonzero(~valid).flatten().tolist()]
         logger.warning(
             "%d image(s) could not be read and get zero features: %s", len(bad), ", ".join(bad[:5])
         )
@@ -336,12 +336,18 @@ def evaluate_corpus(
         raise ConfigError(f"--itm-rescore: method {method.name!r} has no ITM head (cmpagl has one)")
     t0 = time.perf_counter()
     clean, warnings = corpus.drop_blank_captions("eval")
+    views = tuple(embed_kwargs.pop("views", ("identity",)))
+    if itm_rescore and len(views) > 1:
+        raise ConfigError("--itm-rescore works on one view: drop --tta")
+    method.eval()
+    clean, per_view, unreadable = _readable_image_features(method, clean, views, embed_kwargs)
+    if unreadable:
+        warnings = [*warnings, f"{len(unreadable)} unreadable image(s) excluded with their captions: "
+                    + ", ".join(unreadable[:5]) + (" …" if len(unreadable) > 5 else "")]  # fmt: skip
+    device = embed_kwargs.get("device", "cpu")
     if itm_rescore:
-        if len(embed_kwargs.pop("views", ("identity",))) > 1:
-            raise ConfigError("--itm-rescore works on one view: drop --tta")
-        method.eval()
-        img_f, _ = image_features(method, clean, **embed_kwargs)
-        txt_f = text_features(method, clean.captions, device=embed_kwargs.get("device", "cpu"))
+        img_f = per_view[0]
+        txt_f = text_features(method, clean.captions, device=device)
         img, txt = embed_corpus(method, clean, image_feats=img_f, text_feats=txt_f, **embed_kwargs)
         i2t, t2i = method.itm_rescore(img.double() @ txt.double().T, img_f, txt_f, k=itm_rescore)
         rel = Relevance.from_image_captions(clean.image_captions, clean.num_captions)
@@ -349,14 +355,18 @@ def evaluate_corpus(
             i2t.numpy(), rel, ties, t2i_scores=t2i.numpy(), rerank=f"itm@{itm_rescore}", keep_ranks=True
         )
     else:
-        img, txt = embed_corpus(method, clean, **embed_kwargs)
+        img = average_views([embed_from_features(method.encode_image, f, device=device) for f in per_view])
+        txt = embed_from_features(method.encode_text, text_features(method, clean.captions, device=device),
+                                  device=device)  # fmt: skip
         bank = None
         if rerank != "none" and get_reranker(rerank).needs_bank:
             if bank_corpus is None:
                 raise ConfigError(f"--rerank {rerank}: needs a query bank split (--query-bank train)")
             bank_clean = bank_corpus.drop_blank_captions("eval")[0]
-            bank = embed_corpus(method, bank_clean, **{**embed_kwargs, "progress": None})
+            bank = embed_corpus(method, bank_clean, **{**embed_kwargs, "progress": None, "views": views})
         metrics = evaluate_embeddings(img, txt, clean, ties, rerank, rerank_params, bank=bank)
+    if unreadable:
+        metrics.extra["unreadable_images"] = unreadable
     metrics.extra.update(
         n_images=clean.num_images,
         n_captions=clean.num_captions,
@@ -365,6 +375,37 @@ def evaluate_corpus(
     if warnings:
         metrics.extra["warnings"] = warnings
     return metrics, clean, img, txt
+
+
+def _readable_image_features(
+    method: Any, corpus: RetrievalCorpus, views: tuple[str, ...], embed_kwargs: dict[str, Any]
+) -> tuple[RetrievalCorpus, list[dict[str, Tensor]], list[str]]:
+    """Image features of every view, with unreadable images (and their captions) left out.
+
+    An image that cannot be read has no embedding, so it is neither a query nor a candidate:
+    it is excluded from the evaluation and named in the report, never scored with zero
+    features. If no image can be read, that is an error.
+
+    Returns:
+        ``(corpus of the readable images, features per view, file names of the excluded)``.
+    """
+    keys = ("batch_size", "device", "num_workers", "on_error", "progress", "image_size")
+    kw = {k: v for k, v in embed_kwargs.items() if k in keys}
+    per_view, valid = [], torch.ones(corpus.num_images, dtype=torch.bool)
+    for view in views:
+        feats, ok = image_features(method, corpus, view=view, **kw)
+        per_view.append(feats)
+        valid &= ok
+    if valid.all():
+        return corpus, per_view, []
+    unreadable = [corpus.images[i].filename for i in torch.nonzero(~valid).flatten().tolist()]
+    if not valid.any():
+        raise DataError(
+            f"none of the {corpus.num_images} images of the split could be read (first: {unreadable[0]})",
+            path=corpus.source,
+        )
+    keep = torch.nonzero(valid).flatten()
+    return corpus.subset(keep.numpy()), [{k: v[keep] for k, v in f.items()} for f in per_view], unreadable
 
 
 def evaluate_method(method: Any, corpus: RetrievalCorpus, **kwargs: Any) -> RetrievalMetrics:

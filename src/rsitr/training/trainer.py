@@ -472,7 +472,12 @@ class Trainer:
                 self.method.encode_image, self.val_feats.image_views[0], device=self.device
             )
             txt = embed_from_features(self.method.encode_text, self.val_feats.text, device=self.device)
-            return evaluate_embeddings(img, txt, self.val_corpus, self.cfg.ties)
+            corpus, valid = self.val_corpus, self.val_feats.image_valid
+            if not valid.all():  # unreadable val images: left out with their captions, as evaluate does
+                keep = torch.nonzero(valid).flatten()
+                caps = [c for i in keep.tolist() for c in corpus.image_captions[i]]
+                img, txt, corpus = img[keep], txt[caps], corpus.subset(keep.numpy())
+            return evaluate_embeddings(img, txt, corpus, self.cfg.ties)
         return evaluate_method(
             self.method, self.val_corpus, ties=self.cfg.ties, device=self.device,
             num_workers=self.cfg.num_workers,
