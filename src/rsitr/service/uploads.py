@@ -89,6 +89,12 @@ def decode_upload(data: bytes, content_type: str | None, policy: UploadPolicy) -
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        try:  # Pillow refuses headers that declare over 2 × MAX_IMAGE_PIXELS before we can ask
+            Image.open(name).close()
+        except Image.DecompressionBombError as e:
+            raise UploadError(413, f"image exceeds the pixel limit ({str(e).split('.')[0]})") from None
+        except Exception:  # noqa: BLE001 - not a Pillow format (some TIFFs): image_size tries tifffile
+            pass
         width, height = image_size(Path(name))
         if width is None or height is None:
             raise UploadError(422, "cannot read the image header")
@@ -153,19 +159,27 @@ class BodySizeLimit:
                     await self._reject(send)
                     return
         received = 0
-        started = False
+        started = over = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    over = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
+            # A handler or body parser that caught _TooLarge answers with its own error (FastAPI:
+            # 400 "error parsing the body"): the client gets the 413 instead.
             nonlocal started
+            if over:
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._reject(send)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
