@@ -215,14 +215,21 @@ class Index:
         if mtime == self._manifest_mtime:
             return False
         with self._lock:
-            manifest = read_manifest(self.directory)
             self._manifest_mtime = mtime
-            if manifest is None or manifest.generation == self.manifest.generation:
+            try:
+                manifest = read_manifest(self.directory)
+                if manifest is None or manifest.generation == self.manifest.generation:
+                    return False
+                check_identity(self.manifest.identity, manifest.identity, self.directory)
+                params = merge_params(manifest.vectors, self._search_params)
+                vectors = load_vector_index(self.directory / manifest.vectors["file"], params)
+            except (DataError, KeyError, TypeError) as e:  # a corrupt manifest, a missing FAISS file
+                logger.warning(
+                    "%s: new generation not loaded, still serving generation %d: %s",
+                    self.directory, self.manifest.generation, e,
+                )  # fmt: skip
                 return False
-            check_identity(self.manifest.identity, manifest.identity, self.directory)
-            params = merge_params(manifest.vectors, self._search_params)
-            self.vectors = load_vector_index(self.directory / manifest.vectors["file"], params)
-            self.manifest = manifest
+            self.vectors, self.manifest = vectors, manifest
             logger.info(
                 "%s: loaded generation %d (%d images)", self.directory, manifest.generation, manifest.count
             )
