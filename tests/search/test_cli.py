@@ -73,7 +73,12 @@ def test_index_build_merge_and_search_commands(
         == 0
     )
     ranked = [h["caption"] for h in json.loads(capsys.readouterr().out)["results"]]
-    assert ranked[0] in assets.captions[image]  # one of its own captions ranks first
+    from rsitr.retrieval.index import Index, read_captions
+
+    with Index.open(merged, assets.ckpt) as ix:  # exactly the API's ranking, first included
+        want = [h.caption for h in ix.search_captions(archive_copy / image, read_captions(caps), k=5)]
+    assert ranked == want and len(ranked) == 5
+    assert set(ranked) & set(assets.captions[image])  # its own captions rank high (a tiny model)
 
 
 @pytest.mark.parametrize(
@@ -131,3 +136,28 @@ def test_serve_binds_to_loopback_by_default() -> None:
     assert inspect.signature(serve_cmd).parameters["host"].default == "127.0.0.1"
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5")
+
+
+def test_serve_command_serves_the_index(
+    assets: SearchAssets, built_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rsitr serve`` opens the index and hands uvicorn an app that searches it (uvicorn.run is
+    replaced by a recorder, so no port is opened)."""
+    pytest.importorskip("fastapi", reason="the service needs the serve extra")
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    assert run(["serve", str(built_index), "--port", "8123", "--max-upload-mb", "0.5"]) == 0
+    (call,) = calls
+    assert call["host"] == "127.0.0.1" and call["port"] == 8123
+    caption, image = assets.query
+    with TestClient(call["app"]) as client:
+        assert client.get("/api/health").json()["images"] == 40
+        assert client.get("/api/search", params={"q": caption, "k": 1}).json()["results"][0]["name"] == image
+        big = b"\x89PNG\r\n\x1a\n" + bytes(600_000)
+        assert (
+            client.post("/api/search/image", files={"file": ("b.png", big, "image/png")}).status_code == 413
+        )
+    call["app"].state.index.close()

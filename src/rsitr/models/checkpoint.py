@@ -52,8 +52,12 @@ def save_method(method: RetrievalMethod, path: str | Path, extra: dict[str, str]
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a model file (or of ``model.safetensors`` inside a folder)."""
     path = _model_path(path)
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for bad headers
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"not a safetensors checkpoint ({reason})", path=path) from None
 
 
 def _model_path(path: str | Path) -> Path:
