@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rsitr.errors import DataError
+from rsitr.faults import crash_point
 from rsitr.models.checkpoint import MODEL_FILE, load_method, read_metadata, save_method
 from rsitr.models.methods.base import RetrievalMethod
 
@@ -44,15 +45,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the crash tests: ``RSITR_CRASH_AT=name`` kills this process (SIGKILL)
-    here, as a power cut would. Unset in normal runs, where this does nothing."""
-    if os.environ.get("RSITR_CRASH_AT") == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _complete(folder: Path) -> bool:

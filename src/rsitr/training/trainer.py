@@ -28,6 +28,7 @@ from rsitr.data.corpus import RetrievalCorpus
 from rsitr.data.loading import load_corpus
 from rsitr.data.text_views import text_view
 from rsitr.errors import ConfigError, RsitrError, TrainingError
+from rsitr.faults import crash_point
 from rsitr.models import create_method
 from rsitr.models.encoders.base import trim_padding
 from rsitr.models.methods.base import RetrievalMethod
@@ -42,7 +43,6 @@ from rsitr.retrieval.embed import (
 )
 from rsitr.retrieval.metrics import RetrievalMetrics
 from rsitr.training.checkpoint import (
-    crash_point,
     git_commit,
     load_training_state,
     recover_checkpoint,

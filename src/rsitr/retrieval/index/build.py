@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rsitr.errors import ConfigError, DataError
+from rsitr.faults import crash_point
 from rsitr.retrieval.embed import apply_view, average_views, parse_views
 from rsitr.retrieval.index.identity import check_identity, checkpoint_identity, file_sha256
 from rsitr.retrieval.index.ingest import Ingested, ingest_file
@@ -203,6 +204,7 @@ def _embed_files(
                 logger.warning("skipping unreadable image %s: %s", b.stat.relpath, b.error)
                 report.failed.append({"path": b.stat.relpath, "error": b.error})
             done += len(chunk)
+            crash_point(f"index-batch-{s // batch_size + 1}")
             if progress is not None:
                 progress(done, len(files))
 
@@ -241,6 +243,7 @@ def publish(
     index, info = build_vector_index(vecs, ids, vector_config)
     name = vectors_file(generation)
     save_vector_index(index, out / name)
+    crash_point("index-publish")  # the new FAISS file is written, the manifest not yet
     manifest = Manifest(
         generation=generation,
         identity=identity,
@@ -253,11 +256,18 @@ def publish(
         failures=failures,
     )
     write_manifest(out, manifest)  # the commit point
+    crash_point("index-cleanup")
     store.collect_garbage(generation)
-    for stale in out.glob("vectors-*.faiss*"):
-        if stale.name != name:
-            stale.unlink(missing_ok=True)
+    remove_stale_vectors(out, name)
     return manifest
+
+
+def remove_stale_vectors(out: Path, keep: str | None) -> None:
+    """Delete FAISS files other than ``keep`` (the published one): what a kill between a publish
+    and its clean-up, or before its commit, left behind."""
+    for stale in out.glob("vectors-*.faiss*"):
+        if stale.name != keep:
+            stale.unlink(missing_ok=True)
 
 
 def build_index(
@@ -334,6 +344,7 @@ def build_index(
             published = manifest.generation if manifest else 0
             gen = published + 1
             store.collect_garbage(published)  # rows a crash left after a publish
+            remove_stale_vectors(out, manifest.vectors.get("file") if manifest else None)
 
             stats = scan_files(root, shard, files)
             report.files = len(stats)
