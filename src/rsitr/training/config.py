@@ -1,20 +1,39 @@
 """Typed training configuration: YAML → nested dataclasses, with ``a.b=value`` overrides.
 
-Unknown keys raise and name the field; values are type-checked against the annotations.
+The dataclasses are validated by pydantic (``TypeAdapter``): unknown keys raise, values are
+checked and converted against the annotations, and every error is one line naming the field
+path (``optim.epochs: expected an integer, got 'abc'``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 
 from rsitr.errors import ConfigError
+
+#: pydantic settings of every config dataclass: unknown keys are errors; numbers may name paths
+_PYDANTIC = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+def _comma_list(value: Any) -> Any:
+    """``"identity,hflip"`` (an override) → ``["identity", "hflip"]``."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def _on_off(value: Any) -> Any:
+    """YAML 1.1 reads ``on``/``off`` as booleans."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+#: a list/tuple field that also accepts a comma-separated string
+CommaList = BeforeValidator(_comma_list)
 
 
 @dataclass
@@ -104,11 +123,11 @@ class OptimConfig:
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = 0.01
     decay_norm_bias: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Annotated[tuple[float, float], CommaList] = (0.9, 0.999)
     momentum: float = 0.9
     warmup_steps: float = 0.05
     schedule: Literal["cosine", "linear", "constant", "step", "multistep"] = "cosine"
-    milestones: tuple[int, ...] = ()
+    milestones: Annotated[tuple[int, ...], CommaList] = ()
     gamma: float = 0.1
     lr_floor: float = 0.0
     decay_epochs: int | None = None
@@ -130,10 +149,10 @@ class CacheConfig:
         batch_size: images per batch while extracting.
     """
 
-    enabled: Literal["auto", "on", "off"] = "auto"
+    enabled: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = "auto"
     dir: str = ".cache/rsitr-features"
-    views: tuple[str, ...] = ("identity", "hflip")
-    text_views: tuple[str, ...] = ("identity",)
+    views: Annotated[tuple[str, ...], CommaList] = ("identity", "hflip")
+    text_views: Annotated[tuple[str, ...], CommaList] = ("identity",)
     batch_size: int = 64
 
 
@@ -190,92 +209,61 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert ``value`` against annotation ``tp``; raise ConfigError naming ``where``."""
-    if isinstance(tp, str):  # pragma: no cover - annotations are resolved below
-        raise TypeError(tp)
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
-            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
-        if value not in get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, get_args(tp)))}")
-        return value
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
-        inner = args[0] if args else Any
-        seq = [_coerce(v, inner, where) for v in value]
-        return tuple(seq) if origin is tuple else seq
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    return value
+for _cls in (DataConfig, OptimConfig, CacheConfig, TrainConfig):
+    _cls.__pydantic_config__ = _PYDANTIC  # type: ignore[attr-defined]
+
+_MESSAGES = {
+    "int_parsing": "expected an integer", "int_type": "expected an integer",
+    "int_from_float": "expected an integer", "float_parsing": "expected a number",
+    "float_type": "expected a number", "bool_parsing": "expected true/false",
+    "bool_type": "expected true/false", "string_type": "expected a string",
+    "dict_type": "expected a mapping", "tuple_type": "expected a list", "list_type": "expected a list",
+    "dataclass_type": "expected a mapping", "too_short": "wrong number of values",
+    "too_long": "wrong number of values",
+}  # fmt: skip
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _fields_at(cls: type, path: tuple[Any, ...]) -> list[str]:
+    """The field names of the dataclass reached from ``cls`` through ``path``."""
+    for part in path:
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        nested = globals().get(str(hints.get(part, "")))
+        if nested is None or not dataclasses.is_dataclass(nested):
+            return []
+        cls = nested
+    return sorted(f.name for f in dataclasses.fields(cls))
+
+
+def _message(err: ValidationError, cls: type, where: str) -> str:
+    """The first validation error as one line naming the field path."""
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
+    key = ".".join(str(p) for p in loc if not isinstance(p, int))
+    key = f"{where}.{key}" if where and key else (where or key or cls.__name__)
+    kind, value = e["type"], e.get("input")
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"{key}: unknown option; known: {', '.join(_fields_at(cls, loc[:-1]))}"
+    if kind == "literal_error":
+        allowed = e.get("ctx", {}).get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"{key}: {value!r} is not one of {allowed}"
+    return f"{key}: {_MESSAGES.get(kind, e['msg'].lower())}, got {value!r}"
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, recursively; unknown keys raise."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{key}: unknown option; known: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(value, hints[name], key)
-    return cls(**kwargs)
+    """Build dataclass ``cls`` from a mapping, recursively, validated by pydantic.
+
+    Raises:
+        ConfigError: an unknown key or a wrongly typed value, naming its field path.
+    """
+    try:
+        return _adapter(cls).validate_python({} if data is None else data)
+    except ValidationError as e:
+        raise ConfigError(_message(e, cls, where)) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
