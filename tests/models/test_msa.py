@@ -213,7 +213,9 @@ def test_report_figures(tmp_path: Path) -> None:
         Image.new("RGB", (64, 64), (60 * i, 100, 200 - 40 * i)).save(root / f"{i}.png")
         images.append(ImageRecord(f"{i}.png", path=root / f"{i}.png"))
     corpus = RetrievalCorpus(images, TEXTS, [[0], [1], [2], [3]], "val", "toy", [("f", i) for i in range(4)])
-    paths = method.report_figures(corpus, tmp_path / "report", num_images=4)
+    from rsitr.retrieval import embed
+
+    paths = method.report_figures(corpus, tmp_path / "report", features=embed, num_images=4)
     assert [p.name for p in paths] == ["msa_fig3_scale_similarity.png", "msa_fig8_attention.png"]
     assert all(Image.open(p).size[0] > 100 for p in paths)
 

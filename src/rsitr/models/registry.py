@@ -19,13 +19,11 @@ def register_method(name: str) -> Callable[[type], type]:
 
 def list_methods() -> list[str]:
     """Registered method names."""
-    _import_builtin()
     return _METHODS.names()
 
 
 def get_method_class(name: str) -> type:
     """The method class registered under ``name`` (unknown names raise, listing known ones)."""
-    _import_builtin()
     return _METHODS.get(name)
 
 
@@ -75,8 +73,3 @@ def create_method(name: str, cfg: Any = None, *, pretrained: bool = True) -> Any
         **cfg.text_encoder_kwargs,
     )
     return cls(cfg, img, txt)
-
-
-def _import_builtin() -> None:
-    # Importing the method modules registers them.
-    from rsitr.models.methods import cmpagl, dual, msa, rdb  # noqa: F401

@@ -89,8 +89,9 @@ def write_report(
 ) -> Path:
     """Write ``metrics.json``, ``scenes.csv`` and ``gallery.png`` into ``folder``.
 
-    When ``method`` defines ``report_figures(corpus, folder, **figure_kwargs)`` (e.g. ``msa``),
-    its method-specific figures are written there too.
+    When ``method`` defines ``report_figures(corpus, folder, features=..., **figure_kwargs)``
+    (e.g. ``msa``), its method-specific figures are written there too; ``features`` is
+    :mod:`rsitr.retrieval.embed`, so the models package never imports the retrieval layer.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,5 +105,7 @@ def write_report(
         gallery(img, txt, corpus, folder / "gallery.png")
         hook = getattr(method, "report_figures", None)
         if callable(hook):
-            hook(corpus, folder, **figure_kwargs)
+            from rsitr.retrieval import embed
+
+            hook(corpus, folder, features=embed, **figure_kwargs)
     return folder

@@ -50,3 +50,15 @@ __all__ = [
     "register_image_encoder",
     "register_text_encoder",
 ]
+
+# The family modules register themselves on import (timm's layout: the registry is a leaf, the
+# package imports the model files).
+from rsitr.models.encoders import (  # noqa: E402, F401
+    clip,
+    efficientnet,
+    gswin,
+    hf_text,
+    minilm,
+    timm_backbones,
+    tiny,
+)

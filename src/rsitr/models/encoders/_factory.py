@@ -90,13 +90,11 @@ def register_text_encoder(name: str) -> Callable[[Factory], Factory]:
 
 def list_image_encoders() -> list[str]:
     """Registered image-encoder names (schemes end with ``:``)."""
-    _import_builtin()
     return _IMAGE.names()
 
 
 def list_text_encoders() -> list[str]:
     """Registered text-encoder names (schemes end with ``:``)."""
-    _import_builtin()
     return _TEXT.names()
 
 
@@ -144,7 +142,6 @@ def create_image_encoder(spec: str, frozen: bool = False, **kwargs: object) -> I
         ConfigError: unknown name (the message lists the known ones) or unknown option.
         MissingDependencyError: a weights file or offline package is missing.
     """
-    _import_builtin()
     enc = _build(parse_spec(spec, _IMAGE), _IMAGE, kwargs)
     assert isinstance(enc, ImageEncoder), type(enc)
     return enc.set_frozen(frozen).eval()
@@ -165,7 +162,6 @@ def create_text_encoder(spec: str, frozen: bool = False, **kwargs: object) -> Te
         ConfigError: unknown name (the message lists the known ones) or unknown option.
         MissingDependencyError: a weights file, offline package or uncached hub model is missing.
     """
-    _import_builtin()
     enc = _build(parse_spec(spec, _TEXT), _TEXT, kwargs)
     assert isinstance(enc, TextEncoder), type(enc)
     return enc.set_frozen(frozen).eval()
@@ -191,16 +187,3 @@ def _build(spec: EncoderSpec, registry: Registry[Factory], kwargs: dict[str, obj
             )
     _logger.debug("building %s %r with %s", registry.kind, spec.spec, kwargs)
     return factory(spec, **kwargs) if takes_spec else factory(**kwargs)
-
-
-def _import_builtin() -> None:
-    # Importing the family modules registers them (lazily: they import torch libraries).
-    from rsitr.models.encoders import (  # noqa: F401
-        clip,
-        efficientnet,
-        gswin,
-        hf_text,
-        minilm,
-        timm_backbones,
-        tiny,
-    )

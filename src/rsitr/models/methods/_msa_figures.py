@@ -84,6 +84,7 @@ def write_figures(
     method: Any,
     corpus: Any,
     folder: Path,
+    features: Any,
     device: str | torch.device = "cpu",
     num_images: int = 100,
     caption: int = 0,
@@ -95,6 +96,9 @@ def write_figures(
         method: a trained :class:`rsitr.models.methods.msa.MSA`.
         corpus: the evaluated corpus (image paths needed).
         folder: output folder.
+        features: the feature extractors (``image_features``, ``text_features``,
+            ``first_caption_features``; :mod:`rsitr.retrieval.embed`), passed in by the caller so
+            that the models package does not import the retrieval layer.
         device: where to run the model.
         num_images: images (and first captions) in the Fig. 3 matrices.
         caption: index (in the corpus) of the caption shown in Fig. 8, with its own image.
@@ -103,8 +107,8 @@ def write_figures(
     Returns:
         The PNG paths written.
     """
-    from rsitr.retrieval.embed import first_caption_features, image_features, text_features
-
+    first_caption_features = features.first_caption_features
+    image_features, text_features = features.image_features, features.text_features
     folder.mkdir(parents=True, exist_ok=True)
     method.eval()
     k = min(num_images, corpus.num_images)

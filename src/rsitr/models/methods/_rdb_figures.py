@@ -60,17 +60,20 @@ def write_embedding_plot(
     method: Any,
     corpus: Any,
     folder: Path,
+    features: Any,
     device: str | torch.device = "cpu",
     num_images: int = 1000,
     batch_size: int = 64,
 ) -> list[Path]:
     """Write ``embeddings_pca.png`` and ``embeddings_knn.json`` for up to ``num_images`` labelled images.
 
+    ``features`` provides ``first_caption_features`` (:mod:`rsitr.retrieval.embed`, passed in by
+    the caller so that the models package does not import the retrieval layer).
+
     Returns:
         The files written (none when the corpus has fewer than two labelled scenes).
     """
-    from rsitr.retrieval.embed import first_caption_features
-
+    first_caption_features = features.first_caption_features
     scenes = np.asarray(corpus.scene_ids())
     keep = np.flatnonzero(scenes >= 0)[:num_images]
     if len(keep) < 3 or len(np.unique(scenes[keep])) < 2:

@@ -764,9 +764,12 @@ class CMPAGL(RetrievalMethod):
         finally:
             self.train(was)
 
-    def report_figures(self, corpus: Any, folder: str | Path, **kwargs: Any) -> list[Path]:
+    def report_figures(
+        self, corpus: Any, folder: str | Path, features: Any = None, **kwargs: Any
+    ) -> list[Path]:
         """Fig. 7 (attention of the last Gswin block over the images) for ``rsitr evaluate --report``;
-        see :func:`rsitr.models.methods._cmpagl_figures.write_attention_figure`."""
+        see :func:`rsitr.models.methods._cmpagl_figures.write_attention_figure` (it reads the images
+        itself, so ``features`` is not needed)."""
         from rsitr.models.methods._cmpagl_figures import write_attention_figure
 
         return write_attention_figure(self, corpus, Path(folder), **kwargs)
