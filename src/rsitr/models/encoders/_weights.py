@@ -27,6 +27,7 @@ __all__ = [
     "WeightsSource",
     "is_path",
     "log_random_init",
+    "timm_pretrained",
     "weights_from_checkpoint",
     "load_into",
     "load_state_dict_file",
@@ -85,6 +86,26 @@ def log_random_init(logger: logging.Logger, name: str, detail: str = "") -> None
         logger.debug("%s: built%s; its weights come from the checkpoint %s", name, where, ckpt)
     else:
         logger.info("%s: random initialisation, as pretrained=false asks%s", name, where)
+
+
+def timm_pretrained(name: str, spec: str, local_hint: str) -> nn.Module:
+    """``timm.create_model(name, pretrained=True, num_classes=0)``, or one line naming the weights.
+
+    Raises:
+        MissingDependencyError: the weights are not on this machine and cannot be fetched; the
+            message says how to get them (download once, a local file, or ``pretrained: false``).
+    """
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except (OSError, RuntimeError) as e:  # hub errors (offline, not cached, no connection)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingDependencyError(
+            f"{spec}: the pretrained weights timm/{name} are not available offline ({reason}); "
+            f"download them once with network (timm.create_model('{name}', pretrained=True)), "
+            f"pass {local_hint}, or write pretrained: false for random weights"
+        ) from None
 
 
 def is_path(weights: str) -> bool:

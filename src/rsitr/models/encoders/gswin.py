@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsitr.errors import ConfigError, DataError, MissingDependencyError
+from rsitr.errors import ConfigError, DataError
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder
 from rsitr.models.encoders._weights import (
     WeightsSource,
@@ -44,6 +44,7 @@ from rsitr.models.encoders._weights import (
     log_random_init,
     resolve_file,
     sha256_file,
+    timm_pretrained,
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
 
@@ -665,17 +666,7 @@ def _swin_state(spec: EncoderSpec) -> tuple[dict[str, Tensor], WeightsSource]:
     if is_path(weights):
         path = resolve_file(weights, spec.spec)
         return load_state_dict_file(Path(path)), WeightsSource("file", str(path), sha256_file(path))
-    import timm
-
-    try:
-        swin = timm.create_model(weights, pretrained=True, num_classes=0)
-    except (OSError, RuntimeError) as e:  # hub errors (offline, not cached, no connection)
-        raise MissingDependencyError(
-            f"{spec.spec}: the ImageNet Swin weights timm/{weights} are not available offline "
-            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); download them "
-            f"once with network (timm.create_model('{weights}', pretrained=True)), pass "
-            f"gswin@/path/to/swin_t.safetensors, or write pretrained: false for random weights"
-        ) from None
+    swin = timm_pretrained(weights, spec.spec, "gswin@/path/to/swin_t.safetensors")
     return swin.state_dict(), WeightsSource("tag", weights)
 
 

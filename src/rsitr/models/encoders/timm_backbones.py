@@ -25,7 +25,6 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from rsitr.errors import MissingDependencyError
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder
 from rsitr.models.encoders._weights import (
     WeightsSource,
@@ -35,6 +34,7 @@ from rsitr.models.encoders._weights import (
     log_random_init,
     resolve_file,
     sha256_file,
+    timm_pretrained,
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
 
@@ -121,15 +121,7 @@ def _create(
         return TimmImageEncoder(name, model, WeightsSource("file", str(path), sha256_file(path)))
     tag = spec.weights or default_tag
     full = f"{arch}.{tag}" if tag else arch
-    try:
-        model = timm.create_model(full, pretrained=True, num_classes=0)
-    except (OSError, RuntimeError) as e:  # hub errors (offline, not cached, no connection)
-        raise MissingDependencyError(
-            f"{spec.spec}: the pretrained weights timm/{full} are not available offline "
-            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); download them "
-            f"once with network (timm.create_model('{full}', pretrained=True)), pass "
-            f"{name}@/path/to/weights.safetensors, or write pretrained: false for random weights"
-        ) from None
+    model = timm_pretrained(full, spec.spec, f"{name}@/path/to/weights.safetensors")
     _logger.info("%s: loaded timm/%s", name, full)
     return TimmImageEncoder(name, model, WeightsSource("tag", _tag(model)))
 
