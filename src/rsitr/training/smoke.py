@@ -155,7 +155,7 @@ def run_smoke(cfg: TrainConfig, config_name: str = "", work_dir: str | Path | No
         smoke, notes = _smoke_config(cfg, work)
         for n in notes:
             _logger.info("smoke: %s", n)
-        trainer = Trainer(smoke, show_progress=False, max_steps=SMOKE_STEPS)
+        trainer = Trainer(smoke, show_progress=False, max_steps=SMOKE_STEPS, write_checkpoints=False)
         if trainer.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         summary = trainer.fit()

@@ -118,6 +118,8 @@ class Trainer:
             ``optim.epochs``); ``--resume`` continues it. For time-budgeted sessions.
         max_steps: end the epoch after that many optimiser steps, then validate and stop
             (``--smoke``). :attr:`step_seconds` holds the wall time of every step.
+        write_checkpoints: save ``best``/``last`` (``--smoke`` does not: a full-size model takes
+            longer to write than its two steps take to run).
     """
 
     def __init__(
@@ -127,9 +129,11 @@ class Trainer:
         show_progress: bool = True,
         stop_after: int | None = None,
         max_steps: int | None = None,
+        write_checkpoints: bool = True,
     ) -> None:
         self.cfg = cfg
         self.max_steps = max_steps
+        self.write_checkpoints = write_checkpoints
         self.step_seconds: list[float] = []
         self.resume = resume
         self.stop_after = stop_after
@@ -689,9 +693,10 @@ class Trainer:
                 if score > best and self.dist.is_main:
                     best, best_epoch = score, epoch + 1
                     self._best_state = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
-                    save_checkpoint(
-                        best_dir, self.method, None, {"epoch": epoch + 1, "val": rec.val}, config_yaml
-                    )
+                    if self.write_checkpoints:
+                        save_checkpoint(
+                            best_dir, self.method, None, {"epoch": epoch + 1, "val": rec.val}, config_yaml
+                        )
             rec.seconds = round(time.perf_counter() - t0, 2)
             self.history.append(rec.__dict__)
             self._log(
@@ -712,7 +717,8 @@ class Trainer:
                     "epoch": epoch + 1, "step": step, "best": best, "best_epoch": best_epoch,
                     "history": self.history, "seed": cfg.seed, "scheduler": scheduler.state_dict(),
                 }  # fmt: skip
-                save_checkpoint(last_dir, self.method, optimizer, state, config_yaml)
+                if self.write_checkpoints:
+                    save_checkpoint(last_dir, self.method, optimizer, state, config_yaml)
             barrier()
         summary = {
             "method": cfg.method,
