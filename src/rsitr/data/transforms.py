@@ -1,9 +1,10 @@
 """Image transforms on torch tensors; the named training pipelines of ``data.augment``.
 
 Both transforms take a PIL image or a ``uint8`` ``(H, W, C)`` array and return a normalised
-``float32`` ``(C, H, W)`` tensor. Randomness comes from an optional ``torch.Generator``, so a
-fixed generator gives a fixed output; without one, torch's global generator is used (which
-DataLoader seeds per worker).
+``float32`` ``(C, H, W)`` tensor. The pixel operations are torchvision.transforms.v2's; only the
+crop sampling is ours, because it draws from an optional ``torch.Generator`` (a fixed generator
+gives a fixed output; without one, torch's global generator is used, which DataLoader seeds per
+worker), which torchvision's random transforms do not take.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "AUGMENTS",
@@ -39,6 +40,9 @@ def _pair(size: Size) -> tuple[int, int]:
 def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     """Convert an RGB image to a ``float32`` ``(C, H, W)`` tensor in ``[0, 1]``.
 
+    ``TF.to_image`` reads the pixels; the scaling is ``/ 255`` (torchvision's ``to_dtype``
+    multiplies by 1/255, which differs in the last bit and would change cached features).
+
     Args:
         image: a PIL image (converted to RGB) or a ``uint8`` ``(H, W, C)`` / ``(H, W)`` array.
 
@@ -49,39 +53,33 @@ def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
         ValueError: if the array is not ``uint8`` with 2 or 3 dimensions.
     """
     if isinstance(image, Image.Image):
-        a = np.asarray(image.convert("RGB"))
+        img = TF.to_image(image.convert("RGB"))
     else:
         a = np.asarray(image)
         if a.dtype != np.uint8 or a.ndim not in (2, 3):
             raise ValueError(f"expected a uint8 (H, W, C) array, got {a.dtype} {a.shape}")
         if a.ndim == 2:
             a = np.repeat(a[..., None], 3, axis=2)
-    a = np.ascontiguousarray(a)
-    if not a.flags.writeable:  # PIL arrays are read-only; torch wants writable memory
-        a = a.copy()
-    t = torch.from_numpy(a).permute(2, 0, 1)  # (C, H, W)
-    return t.to(torch.float32).div_(255.0)
+        img = TF.to_image(np.ascontiguousarray(a))
+    return img.as_subclass(torch.Tensor).to(torch.float32).div_(255.0)
 
 
 def resize(x: torch.Tensor, size: Size) -> torch.Tensor:
-    """Resize a ``(C, H, W)`` tensor bilinearly (antialiased when shrinking).
+    """Resize a ``(C, H, W)`` tensor bilinearly (antialiased when shrinking; ``TF.resize``).
 
     Args:
         x: the image tensor.
         size: output ``(height, width)`` or one int for a square.
 
     Returns:
-        The resized ``(C, h, w)`` tensor.
+        The resized ``(C, h, w)`` tensor (``x`` itself when the size is already right).
     """
     h, w = _pair(size)
-    if x.shape[-2:] == (h, w):
-        return x
-    out = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return out[0]
+    return TF.resize(x, [h, w], antialias=True)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Return ``(x - mean) / std`` per channel of a ``(C, H, W)`` tensor.
+    """Return ``(x - mean) / std`` per channel of a ``(C, H, W)`` tensor (``TF.normalize``).
 
     Raises:
         ValueError: if ``mean``/``std`` do not have one value per channel or ``std`` has a zero.
@@ -91,9 +89,7 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
         raise ValueError(f"mean/std need {c} values, got {len(mean)} and {len(std)}")
     if any(s == 0 for s in std):
         raise ValueError(f"std={list(std)} contains 0")
-    m = torch.tensor(mean, dtype=x.dtype).view(c, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(c, 1, 1)
-    return (x - m) / s
+    return TF.normalize(x, [float(m) for m in mean], [float(s) for s in std])
 
 
 class EvalTransform:
@@ -204,13 +200,13 @@ class TrainTransform:
         """
         x = to_tensor(image)  # (C, H, W)
         top, left, h, w = self.crop_box(x.shape[1], x.shape[2], generator)
-        x = resize(x[:, top : top + h, left : left + w], self.size)
+        x = resize(TF.crop(x, top, left, h, w), self.size)
         flips = torch.rand(2, generator=generator).tolist()
         k = int(torch.randint(0, 4, (1,), generator=generator))
         if self.hflip and flips[0] < 0.5:
-            x = x.flip(-1)
+            x = TF.horizontal_flip(x)
         if self.vflip and flips[1] < 0.5:
-            x = x.flip(-2)
+            x = TF.vertical_flip(x)
         if self.size[0] != self.size[1]:
             k = (k // 2) * 2  # keep (height, width): 0° or 180° only
         if self.rot90 and k:
