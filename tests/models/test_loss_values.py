@@ -120,7 +120,7 @@ def test_rdb_itc_ema_and_total_by_value() -> None:
     m.set_schedule(10)
     m.step.fill_(100)  # the EMA ramp is 1
     out = m.losses(img, txt, batch)
-    scale = float(m.logit_scale())
+    scale = float(m.logit_scale().detach())
     s = (img @ txt.T).tolist()
     assert float(out["itc"]) == pytest.approx(infonce_by_hand(s, IDS, scale), rel=1e-9)
     t_logits = (t_img @ t_txt.T * scale).tolist()
