@@ -23,11 +23,17 @@ def _grow(archive: Path, n: int) -> None:
         shutil.copyfile(src, archive / f"new_{i}.jpg")
 
 
+@pytest.fixture
+def out(assets: SearchAssets, archive_copy: Path, tmp_path: Path) -> Path:
+    """An index of the private archive copy, generation 1 (40 images)."""
+    folder = tmp_path / "index"
+    build_index(archive_copy, assets.ckpt, folder)
+    return folder
+
+
 def test_searches_run_while_a_new_generation_is_published(
-    assets: SearchAssets, archive_copy: Path, tmp_path: Path
+    assets: SearchAssets, archive_copy: Path, out: Path
 ) -> None:
-    out = tmp_path / "index"
-    build_index(archive_copy, assets.ckpt, out)
     caption, image = assets.query
     errors: list[BaseException] = []
     done = threading.Event()
@@ -61,10 +67,8 @@ def test_searches_run_while_a_new_generation_is_published(
 
 
 def test_two_builds_at_once_the_second_is_refused(
-    assets: SearchAssets, archive_copy: Path, tmp_path: Path
+    assets: SearchAssets, archive_copy: Path, out: Path
 ) -> None:
-    out = tmp_path / "index"
-    build_index(archive_copy, assets.ckpt, out)
     with IndexLock(out), pytest.raises(ConfigError) as err:  # another writer holds the lock
         build_index(archive_copy, assets.ckpt, out)
     assert "\n" not in str(err.value)
@@ -72,11 +76,7 @@ def test_two_builds_at_once_the_second_is_refused(
     assert build_index(archive_copy, assets.ckpt, out).generation == 2  # released: builds again
 
 
-def test_corrupt_manifest_or_missing_faiss_file(
-    assets: SearchAssets, archive_copy: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "index"
-    build_index(archive_copy, assets.ckpt, out)
+def test_corrupt_manifest_or_missing_faiss_file(assets: SearchAssets, out: Path) -> None:
     caption, image = assets.query
     manifest = out / "index.json"
     good = manifest.read_text()

@@ -59,6 +59,11 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
+    return _gather_padded(x)[0]
+
+
+def _gather_padded(x: Tensor) -> tuple[Tensor, list[int]]:
+    """:func:`all_gather_with_grad` under a process group, and the rows each rank gave."""
     from torch.distributed.nn.functional import all_gather
 
     world = dist.get_world_size()
@@ -73,7 +78,8 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
             pad += [0, biggest[d] - x.shape[d]]
         x = torch.nn.functional.pad(x, pad)
     parts = all_gather(x.contiguous())
-    return torch.cat([p[: s[0]] for p, s in zip(parts, sizes, strict=True)], dim=0)
+    rows = [s[0] for s in sizes]
+    return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)], dim=0), rows
 
 
 class GatheredBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -93,11 +99,9 @@ class GatheredBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not (self.training and distributed):
             return super().forward(input)
-        rows = torch.tensor([input.shape[0]], device=input.device)
-        counts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-        dist.all_gather(counts, rows)
-        start = int(sum(int(c) for c in counts[: dist.get_rank()]))
-        return super().forward(all_gather_with_grad(input))[start : start + input.shape[0]]
+        gathered, rows = _gather_padded(input)
+        start = sum(rows[: dist.get_rank()])
+        return super().forward(gathered)[start : start + input.shape[0]]
 
 
 def sync_batchnorm(module: torch.nn.Module, device: str) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 
 The config's own method and architecture, with random weights (nothing is downloaded), train two
 optimiser steps and evaluate once on a tiny synthetic corpus, through the real Trainer (feature
-cache, DDP wrapper, checkpointing). A text tower named by a hub id that is not on this machine
+cache, DDP wrapper; no checkpoint is written). A text tower named by a hub id that is not on this machine
 is replaced by a named substitute: the same architecture where its config is known
 (``bert-base-uncased``: BERT-base, with MiniLM's identical uncased WordPiece vocabulary), else a
 tiny BERT. The report gives the parameter counts (used at inference, and trained), the time per
@@ -42,11 +42,12 @@ _TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 
 
 def _hub_text_substitute(spec: str, folder: Path) -> tuple[str, str] | None:
     """``(new spec, what it is)`` for an ``hf:<hub id>`` spec that is not on this machine."""
+    from rsitr.models.encoders.hf_text import is_local_source
+
     if not spec.startswith("hf:"):
         return None
     name = spec[3:]
-    path = Path(name).expanduser()
-    if path.is_absolute() or name.startswith(("~", ".")) or path.exists():
+    if is_local_source(name):
         return None  # a local folder: used as it is
     try:
         from transformers import AutoConfig

@@ -21,7 +21,7 @@ from rsitr.models.encoders._factory import EncoderSpec, register_text_encoder
 from rsitr.models.encoders._weights import WeightsSource, log_random_init, resolve_file, sha256_file
 from rsitr.models.encoders.base import TextEncoder, TextOutput, masked_mean
 
-__all__ = ["HFTextEncoder"]
+__all__ = ["HFTextEncoder", "is_local_source"]
 
 _logger = logging.getLogger(__name__)
 
@@ -62,10 +62,9 @@ class HFTextEncoder(TextEncoder):
         self.pool = pool
         self.max_length = max_length
         self.source = package or source
-        path = Path(source).expanduser()
-        is_local = path.is_absolute() or source.startswith(("~", ".")) or path.exists()
+        is_local = is_local_source(source)
         if is_local:
-            source = str(resolve_file(path, name))
+            source = str(resolve_file(Path(source).expanduser(), name))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             if pretrained:
@@ -135,6 +134,13 @@ class HFTextEncoder(TextEncoder):
             "tokenizer": self.source,
             "pool": self.pool,
         }
+
+
+def is_local_source(source: str) -> bool:
+    """Whether an ``hf:`` source names a local folder (absolute, ``~``/``.``-relative, or existing)
+    rather than a hub id."""
+    path = Path(source).expanduser()
+    return path.is_absolute() or source.startswith(("~", ".")) or path.exists()
 
 
 def _weights_source(source: str, local: bool, pretrained: bool, package: str | None) -> WeightsSource:
