@@ -51,6 +51,7 @@ def test_config_naming_unloadable_weights_fails_in_one_line(
     config = CONFIGS[0].parent / "msa_rsicd_resnet101_bert.yaml"
     overrides = [
         f"data.source={tiny_synth / 'dataset_synth.json'}", f"data.images={tiny_synth / 'images'}",
+        f"data.labels={tiny_synth / 'labels.csv'}",
         "data.carve_from=null", f"out_dir={tmp_path / 'run'}", "model.text_encoder=minilm-l6",
     ]  # fmt: skip
     assert run(["train", str(config), *overrides]) == 2
