@@ -1,4 +1,4 @@
-"""``rsitr index build``, ``rsitr index merge`` and ``rsitr search``."""
+"""``rsitr index build``, ``rsitr index export`` and ``rsitr search``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rsitr.cli.report import console
 from rsitr.errors import ConfigError
 
 index_app = typer.Typer(
-    help="Build, update and merge search indexes of image archives.", no_args_is_help=True
+    help="Build, update and export search indexes of image archives.", no_args_is_help=True
 )
 app.add_typer(index_app, name="index")
 
@@ -53,16 +53,25 @@ def build_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder or model.safetensors.")],
     out: Annotated[Path, typer.Option("--out", help="Index folder (created, resumed or updated).")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch and commit.")] = 32,
-    shard: Annotated[
-        str | None, typer.Option("--shard", help="Index only shard i of n (0-based i/n); see 'index merge'.")
-    ] = None,
     kind: Annotated[str | None, typer.Option("--index-kind", help=KIND_HELP)] = None,
     ann_threshold: Annotated[
         int | None, typer.Option("--ann-threshold", help="auto: size past which the index is approximate.")
     ] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
-    workers: Annotated[int, typer.Option("--workers", help="Threads decoding and hashing files.")] = 2,
+    workers: Annotated[
+        int, typer.Option("--workers", help="local: threads decoding files; ray: embedding actors.")
+    ] = 2,
     tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (this process) or ray (an actor pool; the scale extra).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="ray: a running cluster (e.g. auto); default a local Ray."),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float, typer.Option("--gpus-per-worker", help="ray: GPUs per embedding actor (0: CPU).")
+    ] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the build report as JSON.")] = False,
 ) -> None:
     """Index an image archive: resumable (re-run after an interruption), incremental (re-run after
@@ -77,11 +86,16 @@ def build_cmd(
     )
 
     from rsitr.cli.train import setup_logging
-    from rsitr.retrieval.index import build_index
+    from rsitr.retrieval.index import RayOptions, build_index
     from rsitr.training.trainer import resolve_device
 
     setup_logging()
     cfg = _vector_config(kind, ann_threshold)
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine {engine!r}: expected local or ray")
+    if engine == "local" and (ray_address is not None or gpus_per_worker):
+        raise ConfigError("--ray-address and --gpus-per-worker apply to --engine ray only")
+    ray = RayOptions(ray_address, workers, gpus_per_worker) if engine == "ray" else None
     columns = (
         TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("ETA"), TimeRemainingColumn(),
@@ -93,30 +107,31 @@ def build_cmd(
             bar.update(task, completed=done, total=total)
 
         report = build_index(
-            images, checkpoint, out, batch_size=batch_size, shard=shard, vector_config=cfg,
+            images, checkpoint, out, batch_size=batch_size, vector_config=cfg,
             device=resolve_device(device), workers=workers, progress=progress, tta=tta,
+            engine=engine, ray=ray,  # type: ignore[arg-type]
         )  # fmt: skip
     _print_report(report, as_json)
 
 
-@index_app.command("merge")
-def merge_cmd(
-    shards: Annotated[list[Path], typer.Argument(help="Shard index folders (every i/n of one split).")],
-    out: Annotated[Path, typer.Option("--out", help="The merged index folder (new).")],
-    root: Annotated[
-        Path | None, typer.Option("--root", help="Archive root of the merged index (if the shards differ).")
-    ] = None,
-    kind: Annotated[str | None, typer.Option("--index-kind", help=KIND_HELP)] = None,
-    ann_threshold: Annotated[int | None, typer.Option("--ann-threshold")] = None,
+@index_app.command("export")
+def export_cmd(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder.")],
+    out: Annotated[Path, typer.Argument(help="The file to write (e.g. archive.parquet).")],
+    fmt: Annotated[str, typer.Option("--format", help="Output format: geoparquet.")] = "geoparquet",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Combine the shards of a sharded build (same checkpoint) into one index."""
-    from rsitr.cli.train import setup_logging
-    from rsitr.retrieval.index import merge_indexes
+    """Export an index: one row per image (path, sha256, size, CRS, acquisition time, embedding)
+    with its footprint in EPSG:4326 as the geometry (null without georeferencing)."""
+    from rsitr.retrieval.index.export import FORMATS, export_geoparquet
 
-    setup_logging()
-    report = merge_indexes(shards, out, root=root, vector_config=_vector_config(kind, ann_threshold))
-    _print_report(report, as_json)
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    report = export_geoparquet(index_dir, out)
+    if as_json:
+        typer.echo(json.dumps(report.__dict__))
+    else:
+        console.print(report.line(), soft_wrap=True)
 
 
 def _print_hits(title: str, rows: Sequence[Any]) -> None:
@@ -128,10 +143,12 @@ def _print_hits(title: str, rows: Sequence[Any]) -> None:
     table.add_column("image")
     table.add_column("size", justify="right")
     table.add_column("CRS")
+    table.add_column("lon/lat bounds")
     for r in rows:
         m = r.metadata
         size = f"{m.width}x{m.height}" if m.width else ""
-        table.add_row(str(r.rank), f"{r.score:.4f}", r.name, size, m.crs or "")
+        box = ", ".join(f"{v:.4f}" for v in m.lonlat_bounds) if m.lonlat_bounds else "not georeferenced"
+        table.add_row(str(r.rank), f"{r.score:.4f}", r.name, size, m.crs or "", box)
     console.print(table)
 
 
@@ -153,9 +170,20 @@ def search_cmd(
     root: Annotated[
         Path | None, typer.Option("--root", help="Archive root, if it moved since the build.")
     ] = None,
+    bbox: Annotated[
+        str | None,
+        typer.Option(
+            "--bbox", help="Only images whose footprint intersects minx,miny,maxx,maxy (EPSG:4326)."
+        ),
+    ] = None,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Drop results below this cosine score.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
-    """Search an index by text, by image, or rank captions for an image."""
+    """Search an index by text, by image, or rank captions for an image; --bbox and --min-score
+    filter the images (the box before ranking: the top k inside it)."""
+    from rsitr.data.footprints import parse_bbox
     from rsitr.retrieval.index import Index, read_captions
 
     if (query is None) == (image is None):
@@ -164,6 +192,9 @@ def search_cmd(
         raise ConfigError("--captions ranks captions for an image: add --image PATH")
     if top < 1:
         raise ConfigError(f"--top {top}: expected a positive integer")
+    box = parse_bbox(bbox, "--bbox")
+    if captions is not None and (box is not None or min_score is not None):
+        raise ConfigError("--bbox and --min-score filter images; they do not apply to --captions")
     with Index.open(index_dir, checkpoint, root=root) as index:
         if captions is not None:
             assert image is not None
@@ -176,11 +207,18 @@ def search_cmd(
                     f"{h.rank:>3}  {h.score:.4f}  {h.caption}", markup=False, highlight=False, soft_wrap=True
                 )
             return
-        results = index.search_text(query, k=top) if query is not None else index.search_image(image, k=top)  # type: ignore[arg-type]
-        label = f'"{query}"' if query is not None else str(image)
+        filters = {"bbox": box, "min_score": min_score}
+        if query is not None:
+            results = index.search_text(query, k=top, **filters)  # type: ignore[arg-type]
+        else:
+            results = index.search_image(image, k=top, **filters)  # type: ignore[arg-type]
         if as_json:
-            typer.echo(json.dumps({"query": label, "results": [r.to_dict() for r in results]}))
+            payload: dict[str, Any] = {"query": query} if query is not None else {"image": str(image)}
+            box_list = None if box is None else list(box.as_tuple())
+            payload["filters"] = {"bbox": box_list, "min_score": min_score}
+            typer.echo(json.dumps({**payload, "results": [r.to_dict() for r in results]}))
             return
+        label = f'"{query}"' if query is not None else str(image)
         _print_hits(f"{label}: top {len(results)} of {index.count} images", results)
 
 

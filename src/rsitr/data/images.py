@@ -36,6 +36,7 @@ __all__ = [
     "inspect_image",
     "load_image",
     "percentile_stretch",
+    "read_acquisition_time",
     "read_geo_info",
     "read_image_array",
     "to_rgb8",
@@ -550,3 +551,38 @@ def read_geo_info(path: str | Path) -> GeoInfo | None:
         width=width,
         height=height,
     )
+
+
+_TAG_DATETIME = 306  # TIFF/EXIF DateTime, "YYYY:MM:DD HH:MM:SS"
+_EXIF_DATETIME_ORIGINAL = 36867
+
+
+def _iso_datetime(value: object) -> str | None:
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    text = text.strip().strip("\x00")
+    if len(text) < 19 or text[4] != ":" or text[7] != ":":
+        return None
+    iso = f"{text[0:4]}-{text[5:7]}-{text[8:10]}T{text[11:19]}"
+    return iso if iso[:4].isdigit() and iso[5:7].isdigit() and iso[8:10].isdigit() else None
+
+
+def read_acquisition_time(path: str | Path) -> str | None:
+    """The date tag of an image as ISO 8601 (``YYYY-MM-DDTHH:MM:SS``), else ``None``.
+
+    TIFFs: the DateTime tag (306). Other files: EXIF DateTimeOriginal, then DateTime. Unreadable
+    or malformed tags give ``None``: the time is optional metadata.
+    """
+    path = Path(path)
+    try:
+        if _is_tiff(path):
+            with tifffile.TiffFile(path) as tif:
+                tag = tif.pages.first.tags.get(_TAG_DATETIME)
+                return None if tag is None else _iso_datetime(tag.value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                exif = im.getexif()
+                value = exif.get_ifd(0x8769).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_TAG_DATETIME)
+        return None if value is None else _iso_datetime(value)
+    except Exception:  # noqa: BLE001 - optional metadata: never fail the image for it
+        return None

@@ -1,4 +1,4 @@
-"""Building an index of an image archive: resumable, incremental, shardable, atomic.
+"""Building an index of an image archive: resumable, incremental, atomic, local or on Ray.
 
 A build compares the archive with the index's live rows: new files are embedded, files whose
 content changed are re-embedded, deleted files are dropped, and files that could not be read are
@@ -12,21 +12,22 @@ build.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from rsitr.errors import ConfigError, DataError
 from rsitr.faults import crash_point
-from rsitr.retrieval.embed import apply_view, average_views, parse_views
+from rsitr.retrieval.embed import parse_views
 from rsitr.retrieval.index.identity import check_identity, checkpoint_identity, file_sha256
-from rsitr.retrieval.index.ingest import Ingested, ingest_file
+from rsitr.retrieval.index.ingest import embed_batch, ingest_file
 from rsitr.retrieval.index.layout import (
     MANIFEST_FILE,
     REPORT_FILE,
@@ -37,13 +38,14 @@ from rsitr.retrieval.index.layout import (
     write_json_atomic,
     write_manifest,
 )
-from rsitr.retrieval.index.scan import FileStat, ShardSpec, scan_files
+from rsitr.retrieval.index.ray_engine import STAGING, RayOptions
+from rsitr.retrieval.index.scan import FileStat, scan_files
 from rsitr.retrieval.index.store import DB_FILE, MetadataStore
 from rsitr.retrieval.index.vectors import VectorIndexConfig, build_vector_index, save_vector_index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BuildReport", "build_index", "publish"]
+__all__ = ["BuildReport", "RayOptions", "build_index", "publish"]
 
 Progress = Callable[[int, int], None]
 
@@ -56,7 +58,7 @@ class BuildReport:
         index_dir: the index folder.
         generation: the published generation after the build.
         published: whether this build published a new generation (False: already up to date).
-        files: image files of the archive (of this shard).
+        files: image files of the archive.
         added: rows this generation adds (new or changed files), including ``resumed``.
         removed: published rows this generation drops (files deleted or changed).
         touched: files whose stat changed but whose content did not (kept, stat updated).
@@ -112,16 +114,6 @@ def _check_same(store: MetadataStore, key: str, value: Any, out: Path, hint: str
         store.set_info(key, value)
     elif stored != value:
         raise ConfigError(f"{out}: the index has {key} {stored!r}, not {value!r}; {hint}")
-
-
-def _embed_batch(
-    method: Any, batch: list[Ingested], device: torch.device, views: tuple[str, ...] = ("identity",)
-) -> np.ndarray:
-    """Image embeddings of a batch, averaged over the test-time ``views`` (see ``--tta``)."""
-    x = torch.stack([b.image for b in batch if b.image is not None]).to(device)
-    with torch.no_grad():
-        per_view = [method.encode_image(images=apply_view(x, v)).float().cpu() for v in views]
-    return average_views(per_view).numpy()
 
 
 def _diff(
@@ -194,7 +186,7 @@ def _embed_files(
             batch = list(pool.map(lambda st: ingest_file(root, st, transform), chunk))
             ok = [b for b in batch if b.metadata is not None]
             failed = [b for b in batch if b.metadata is None]
-            vecs = _embed_batch(method, ok, dev, views) if ok else None
+            vecs = embed_batch(method, ok, dev, views) if ok else None
             with store.transaction():
                 if ok:
                     store.add_images([b.metadata for b in ok], vecs, gen)  # type: ignore[misc, arg-type]
@@ -209,13 +201,53 @@ def _embed_files(
                 progress(done, len(files))
 
 
+def _embed_on_ray(
+    root: Path,
+    files: list[FileStat],
+    checkpoint: Path,
+    out: Path,
+    store: MetadataStore,
+    gen: int,
+    batch_size: int,
+    views: tuple[str, ...],
+    opts: RayOptions | None,
+    report: BuildReport,
+    progress: Progress | None,
+) -> None:
+    """Embed ``files`` on Ray, then commit the workers' Parquet shards (shards of an interrupted
+    run of this generation first, so that only what they lack is embedded again)."""
+    from rsitr.retrieval.index.ray_engine import embed_on_ray, ingest_parts
+
+    parts = out / STAGING / f"gen-{gen:06d}"
+    wanted = {s.relpath: s for s in files}
+
+    def tick(done: int) -> None:
+        if progress is not None:
+            progress(len(files) - len(wanted) + done, len(files))
+
+    first = ingest_parts(parts, store, wanted, gen, tick)
+    report.resumed += len(first.done)
+    report.failed.extend(first.failed)
+    rest = [s for s in files if s.relpath not in first.done]
+    if rest:
+        opts = opts or RayOptions()
+        embed_on_ray(root, rest, checkpoint, parts, views=views, batch_size=batch_size, opts=opts)
+        wanted = {s.relpath: s for s in rest}
+        second = ingest_parts(parts, store, wanted, gen, tick)
+        report.failed.extend(second.failed)
+        missing = len(rest) - len(second.done)
+        if missing:
+            raise DataError(
+                f"the Ray workers returned no row for {missing} file(s); re-run to retry them", path=root
+            )
+
+
 def publish(
     out: Path,
     store: MetadataStore,
     generation: int,
     identity: dict[str, Any],
     root: Path,
-    shard: ShardSpec,
     dim: int,
     vector_config: VectorIndexConfig,
     failures: int,
@@ -228,7 +260,6 @@ def publish(
         generation: the generation to publish.
         identity: the checkpoint identity.
         root: the archive root.
-        shard: the shard the index holds.
         dim: embedding dimension.
         vector_config: how to index the vectors.
         failures: unreadable files (for the manifest).
@@ -250,7 +281,6 @@ def publish(
         root=str(root),
         dim=dim,
         count=len(ids),
-        shard=str(shard),
         vectors={"file": name, **info},
         vector_config=vector_config.to_dict(),
         failures=failures,
@@ -259,6 +289,7 @@ def publish(
     crash_point("index-cleanup")
     store.collect_garbage(generation)
     remove_stale_vectors(out, name)
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # Ray shards, all committed by now
     return manifest
 
 
@@ -276,13 +307,14 @@ def build_index(
     out: str | Path,
     *,
     batch_size: int = 32,
-    shard: ShardSpec | str | None = None,
     files: Iterable[str | Path] | None = None,
     vector_config: VectorIndexConfig | None = None,
     device: str | torch.device = "cpu",
     workers: int = 2,
     progress: Progress | None = None,
     tta: str | tuple[str, ...] | None = None,
+    engine: Literal["local", "ray"] = "local",
+    ray: RayOptions | None = None,
 ) -> BuildReport:
     """Build or update the index of an image archive.
 
@@ -291,22 +323,23 @@ def build_index(
         checkpoint: the model (``model.safetensors`` or its folder); an existing index only
             accepts the checkpoint it was built with.
         out: the index folder (created if needed).
-        batch_size: images embedded per batch (and per commit).
-        shard: ``ShardSpec`` or ``"i/n"``: index only this shard's files (see ``index merge``).
+        batch_size: images embedded per batch (and per commit, or per Parquet shard on Ray).
         files: index exactly these files of ``images`` instead of scanning it.
         vector_config: FAISS options; default: the index's stored options, else defaults.
         device: where the model runs.
-        workers: threads that decode and hash files.
-        progress: called as ``progress(done, total)`` after each embedded batch.
+        workers: threads that decode and hash files (``local`` engine).
+        progress: called as ``progress(done, total)`` after each committed batch.
         tta: test-time views averaged into each image embedding (``flips``, ``d4`` or a list);
             recorded in the index, which then refuses another setting.
+        engine: ``"local"`` (this process) or ``"ray"`` (an actor pool; needs the ``scale`` extra).
+        ray: where and how wide the Ray engine runs (default :class:`RayOptions`).
 
     Returns:
         The :class:`BuildReport` (also written to ``build_report.json``).
 
     Raises:
         IndexMismatchError: if the index was built with another checkpoint.
-        ConfigError: for another root or shard than the index's, a folder that is not an index,
+        ConfigError: for another root than the index's, a folder that is not an index,
             a bad option, or a concurrent writer.
         DataError: if the archive folder or the checkpoint is missing.
     """
@@ -319,7 +352,8 @@ def build_index(
     if not root.is_dir():
         raise DataError("not a folder of images", path=images)
     out = Path(out)
-    shard = shard if isinstance(shard, ShardSpec) else ShardSpec.parse(shard)
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine {engine!r}: expected local or ray")
     views = parse_views(tta)
     identity = checkpoint_identity(checkpoint)
     _check_out_dir(out)
@@ -334,7 +368,6 @@ def build_index(
             else:
                 check_identity(stored_identity, identity, out)
             _check_same(store, "root", str(root), out, "index that folder, or choose a new --out")
-            _check_same(store, "shard", str(shard), out, "use the same --shard, or choose a new --out")
             _check_same(store, "tta", ",".join(views), out, "use the same --tta, or choose a new --out")
             stored_cfg = store.get_info("vector_config")
             cfg = vector_config or (
@@ -346,7 +379,7 @@ def build_index(
             store.collect_garbage(published)  # rows a crash left after a publish
             remove_stale_vectors(out, manifest.vectors.get("file") if manifest else None)
 
-            stats = scan_files(root, shard, files)
+            stats = scan_files(root, files)
             report.files = len(stats)
             to_embed, to_remove = _diff(store, stats, gen, root, report)
             with store.transaction():
@@ -358,7 +391,7 @@ def build_index(
 
             dim = store.get_info("dim")
             method = None
-            if to_embed or dim is None:
+            if (to_embed and engine == "local") or dim is None:
                 method = load_method(checkpoint, device=device).eval()
                 if dim is None:
                     tok = method.tokenize(["dimension probe"])
@@ -368,20 +401,13 @@ def build_index(
                         ).shape[1]
                     )
                     store.set_info("dim", dim)
-            if to_embed:
+            if to_embed and engine == "ray":
+                ckpt = Path(checkpoint)
+                _embed_on_ray(root, to_embed, ckpt, out, store, gen, batch_size, views, ray, report, progress)
+            elif to_embed:
                 assert method is not None
                 _embed_files(
-                    method,
-                    root,
-                    to_embed,
-                    store,
-                    gen,
-                    batch_size,
-                    workers,
-                    device,
-                    report,
-                    progress,
-                    views,
+                    method, root, to_embed, store, gen, batch_size, workers, device, report, progress, views
                 )
             report.added, report.removed = store.pending_changes(gen)
             changed = (
@@ -389,7 +415,7 @@ def build_index(
             )
             store.set_info("vector_config", cfg.to_dict())
             if changed:
-                manifest = publish(out, store, gen, identity, root, shard, int(dim), cfg, len(report.failed))
+                manifest = publish(out, store, gen, identity, root, int(dim), cfg, len(report.failed))
                 report.published = True
             assert manifest is not None
             report.generation = manifest.generation

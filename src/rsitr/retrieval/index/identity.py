@@ -24,7 +24,7 @@ _CHUNK = 1 << 20
 
 
 class IndexMismatchError(ConfigError):
-    """The checkpoint (or shard) does not match the one an index was built with."""
+    """The checkpoint does not match the one an index was built with."""
 
 
 def file_sha256(path: str | Path) -> str:

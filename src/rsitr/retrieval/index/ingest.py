@@ -8,11 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tifffile
 import torch
 from PIL import Image
 
-from rsitr.data.images import load_image, read_geo_info
+from rsitr.data.footprints import lonlat_footprint
+from rsitr.data.images import load_image, read_acquisition_time, read_geo_info
 from rsitr.errors import DataError
 from rsitr.retrieval.index.identity import file_sha256
 from rsitr.retrieval.index.scan import FileStat
@@ -20,7 +22,7 @@ from rsitr.retrieval.index.store import ImageMetadata
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EMBED_MAX_SIDE", "Ingested", "image_size", "ingest_file"]
+__all__ = ["EMBED_MAX_SIDE", "Ingested", "embed_batch", "image_size", "ingest_file"]
 
 #: Longest side images are decoded to before the model's own resize (fast JPEG draft decoding,
 #: pyramid levels of big GeoTIFFs). Index builds and image queries both use it.
@@ -95,6 +97,7 @@ def ingest_file(root: Path, stat: FileStat, transform: Transform) -> Ingested:
         geo = read_geo_info(path)
     except DataError as e:  # georeference is optional: keep the image, log the reason
         logger.warning("no georeference for %s: %s", stat.relpath, e)
+    footprint = None if geo is None else lonlat_footprint(geo.crs, geo.transform, geo.width, geo.height)
     meta = ImageMetadata(
         relpath=stat.relpath,
         size=stat.size,
@@ -105,5 +108,24 @@ def ingest_file(root: Path, stat: FileStat, transform: Transform) -> Ingested:
         crs=None if geo is None else geo.crs,
         bounds=None if geo is None else geo.bounds,
         transform=None if geo is None else geo.transform,
+        lonlat_bounds=None if footprint is None else footprint.bbox,
+        footprint=None if footprint is None else footprint.ring,
+        acquired=read_acquisition_time(path),
     )
     return Ingested(stat, pixels, meta)
+
+
+def embed_batch(
+    method: torch.nn.Module,
+    batch: list[Ingested],
+    device: torch.device,
+    views: tuple[str, ...] = ("identity",),
+) -> np.ndarray:
+    """(N, D) float32 image embeddings of the readable files of a batch, averaged over the
+    test-time ``views`` (see ``--tta``)."""
+    from rsitr.retrieval.embed import apply_view, average_views
+
+    x = torch.stack([b.image for b in batch if b.image is not None]).to(device)
+    with torch.no_grad():
+        per_view = [method.encode_image(images=apply_view(x, v)).float().cpu() for v in views]  # type: ignore[operator]
+    return average_views(per_view).numpy()

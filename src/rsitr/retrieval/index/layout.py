@@ -60,7 +60,6 @@ class Manifest:
         root: absolute path of the archive root the relative paths refer to.
         dim: embedding dimension.
         count: vectors in the published FAISS file.
-        shard: ``"i/n"`` for one shard of a sharded build, ``"0/1"`` for a whole archive.
         vectors: the FAISS file name and its description (``kind``, ``factory``, ``params``).
         vector_config: the :class:`VectorIndexConfig` it was built with (as a dict).
         failures: unreadable files at the last build.
@@ -75,7 +74,6 @@ class Manifest:
     root: str
     dim: int
     count: int
-    shard: str = "0/1"
     vectors: dict[str, Any] = field(default_factory=dict)
     vector_config: dict[str, Any] = field(default_factory=dict)
     failures: int = 0

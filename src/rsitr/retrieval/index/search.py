@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rsitr.data.footprints import BBox, parse_bbox
 from rsitr.errors import DataError
 from rsitr.retrieval.index.identity import check_identity, checkpoint_identity
 from rsitr.retrieval.index.ingest import EMBED_MAX_SIDE
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CaptionResult", "Index", "SearchResult"]
 
 ImageInput = str | Path | Image.Image
+BBoxLike = str | Sequence[float] | BBox
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class Index:
         self._lock = threading.RLock()
         self._manifest_mtime = self._mtime()
         self._caption_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._subset: Any = None
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -302,11 +305,45 @@ class Index:
             return method.encode_image(images=x).float().cpu().numpy()
 
     # -- searching ----------------------------------------------------------------------------
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
-        """Top-``k`` images for each row of a (Q, D) array of L2-normalised query vectors."""
+    def _subset_searcher(self) -> Any:
+        from rsitr.retrieval.index.filters import SubsetSearcher
+
+        with self._lock:
+            if self._subset is None or self._subset.index is not self.vectors:
+                self._subset = SubsetSearcher(self.vectors)
+            return self._subset
+
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        bbox: BBoxLike | None = None,
+        min_score: float | None = None,
+    ) -> list[list[SearchResult]]:
+        """Top-``k`` images for each row of a (Q, D) array of L2-normalised query vectors.
+
+        Args:
+            queries: the query vectors.
+            k: results per query.
+            bbox: keep only images whose footprint intersects this EPSG:4326 box
+                (``"minx,miny,maxx,maxy"``, a 4-sequence or a :class:`BBox`). The box filters
+                before ranking: the results are the best ``k`` inside it.
+            min_score: drop results scoring below this cosine similarity.
+
+        Raises:
+            ConfigError: for a malformed box.
+        """
+        box = parse_bbox(bbox)
+        n_queries = len(np.atleast_2d(queries))
         if self.count == 0:
-            return [[] for _ in range(len(np.atleast_2d(queries)))]
-        scores, ids = _faiss_search(self.vectors, queries, k)
+            return [[] for _ in range(n_queries)]
+        if box is None:
+            scores, ids = _faiss_search(self.vectors, queries, k)
+        else:
+            from rsitr.retrieval.index.filters import ids_in_bbox
+
+            scores, ids = self._subset_searcher().search(queries, k, ids_in_bbox(self.store, box))
         meta = self.store.metadata(sorted({int(i) for i in ids.ravel() if i >= 0}))
         out = []
         for srow, irow in zip(scores, ids, strict=True):
@@ -315,21 +352,39 @@ class Index:
                 m = meta.get(int(i))
                 if i < 0 or m is None:  # no hit, or a row dropped by a newer generation
                     continue
+                if min_score is not None and s < min_score:
+                    break  # results come best first
                 hits.append(SearchResult(len(hits) + 1, int(i), self.root / m.relpath, float(s), m))
             out.append(hits)
         return out
 
-    def search_text(self, query: str, k: int = 10) -> list[SearchResult]:
-        """Text→image: the ``k`` images that best match ``query``."""
-        return self.search_vectors(self.encode_text([query]), k)[0]
+    def search_text(
+        self, query: str, k: int = 10, *, bbox: BBoxLike | None = None, min_score: float | None = None
+    ) -> list[SearchResult]:
+        """Text→image: the ``k`` images that best match ``query`` (filters: see :meth:`search_vectors`)."""
+        return self.search_vectors(self.encode_text([query]), k, bbox=bbox, min_score=min_score)[0]
 
-    def search_texts(self, queries: Sequence[str], k: int = 10) -> list[list[SearchResult]]:
+    def search_texts(
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        *,
+        bbox: BBoxLike | None = None,
+        min_score: float | None = None,
+    ) -> list[list[SearchResult]]:
         """Text→image for several queries at once."""
-        return self.search_vectors(self.encode_text(queries), k)
+        return self.search_vectors(self.encode_text(queries), k, bbox=bbox, min_score=min_score)
 
-    def search_image(self, image: ImageInput, k: int = 10) -> list[SearchResult]:
+    def search_image(
+        self,
+        image: ImageInput,
+        k: int = 10,
+        *,
+        bbox: BBoxLike | None = None,
+        min_score: float | None = None,
+    ) -> list[SearchResult]:
         """Image→image: the ``k`` indexed images most similar to ``image`` (file or PIL image)."""
-        return self.search_vectors(self.encode_image(image), k)[0]
+        return self.search_vectors(self.encode_image(image), k, bbox=bbox, min_score=min_score)[0]
 
     def search_captions(self, image: ImageInput, captions: Sequence[str], k: int = 10) -> list[CaptionResult]:
         """Image→caption: rank ``captions`` for ``image`` (caption embeddings are cached).

@@ -11,6 +11,7 @@ their row, which makes a build resumable batch by batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -24,7 +25,7 @@ import numpy as np
 
 from rsitr.errors import DataError
 
-__all__ = ["DB_FILE", "ImageMetadata", "LiveRow", "MetadataStore"]
+__all__ = ["DB_FILE", "ImageMetadata", "LiveRow", "MetadataStore", "image_id"]
 
 DB_FILE = "meta.sqlite"
 SCHEMA_VERSION = 1
@@ -42,6 +43,9 @@ CREATE TABLE IF NOT EXISTS images (
     crs TEXT,
     min_x REAL, min_y REAL, max_x REAL, max_y REAL,
     transform TEXT,
+    lon_min REAL, lat_min REAL, lon_max REAL, lat_max REAL,
+    footprint TEXT,
+    acquired TEXT,
     added_gen INTEGER NOT NULL,
     removed_gen INTEGER
 );
@@ -56,7 +60,26 @@ CREATE TABLE IF NOT EXISTS failures (
 );
 """
 
-_META_COLS = "id, path, size, mtime_ns, sha256, width, height, crs, min_x, min_y, max_x, max_y, transform"
+_META_COLS = (
+    "id, path, size, mtime_ns, sha256, width, height, crs, min_x, min_y, max_x, max_y, transform, "
+    "lon_min, lat_min, lon_max, lat_max, footprint, acquired"
+)
+#: Columns added after the first schema: an older database gets them on its next write-open.
+_ADDED_COLS = {
+    "lon_min": "REAL", "lat_min": "REAL", "lon_max": "REAL", "lat_max": "REAL",
+    "footprint": "TEXT", "acquired": "TEXT",
+}  # fmt: skip
+
+
+def image_id(relpath: str, sha256: str) -> int:
+    """The id of an image in every index: 63 bits of BLAKE2b over its path and content hash.
+
+    It depends on nothing but the file, so every worker of a distributed build assigns the same
+    id without coordination, builds in any order agree, and an id stays valid until the file's
+    content changes. (JSON clients in JavaScript should treat it as a string: it can exceed 2^53.)
+    """
+    digest = hashlib.blake2b(f"{relpath}\0{sha256}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1 or 1
 
 
 @dataclass(frozen=True)
@@ -73,6 +96,11 @@ class ImageMetadata:
         crs: ``"EPSG:<code>"`` of a GeoTIFF, else ``None``.
         bounds: ``(min_x, min_y, max_x, max_y)`` in CRS units for a GeoTIFF, else ``None``.
         transform: affine ``(a, b, c, d, e, f)`` of a GeoTIFF (rasterio convention), else ``None``.
+        lonlat_bounds: ``(west, south, east, north)`` of the footprint in EPSG:4326 (``west >
+            east`` across the antimeridian), else ``None``.
+        footprint: the footprint ring in EPSG:4326 (unwrapped; see
+            :mod:`rsitr.data.footprints`), else ``None``.
+        acquired: acquisition time (ISO 8601) from the file's date tag, else ``None``.
     """
 
     relpath: str
@@ -84,13 +112,28 @@ class ImageMetadata:
     crs: str | None = None
     bounds: tuple[float, float, float, float] | None = None
     transform: tuple[float, float, float, float, float, float] | None = None
+    lonlat_bounds: tuple[float, float, float, float] | None = None
+    footprint: tuple[tuple[float, float], ...] | None = None
+    acquired: str | None = None
+
+    @property
+    def id(self) -> int:
+        """The image's id (see :func:`image_id`)."""
+        return image_id(self.relpath, self.sha256)
+
+    @property
+    def georeferenced(self) -> bool:
+        """Whether the image has a footprint on the map."""
+        return self.footprint is not None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
         d = asdict(self)
-        for k in ("bounds", "transform"):
+        for k in ("bounds", "transform", "lonlat_bounds"):
             if d[k] is not None:
                 d[k] = list(d[k])
+        if d["footprint"] is not None:
+            d["footprint"] = [list(p) for p in d["footprint"]]
         return d
 
 
@@ -116,7 +159,33 @@ class LiveRow:
 def _meta_from_row(r: Sequence[Any]) -> ImageMetadata:
     bounds = None if r[8] is None else (float(r[8]), float(r[9]), float(r[10]), float(r[11]))
     transform = None if r[12] is None else tuple(json.loads(r[12]))
-    return ImageMetadata(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bounds, transform)  # type: ignore[arg-type]
+    lonlat = None if r[13] is None else (float(r[13]), float(r[14]), float(r[15]), float(r[16]))
+    footprint = None if r[17] is None else tuple((float(x), float(y)) for x, y in json.loads(r[17]))
+    return ImageMetadata(
+        r[1],
+        r[2],
+        r[3],
+        r[4],
+        r[5],
+        r[6],
+        r[7],
+        bounds,
+        transform,
+        lonlat,
+        footprint,
+        r[18],  # type: ignore[arg-type]
+    )
+
+
+def _row_values(m: ImageMetadata) -> tuple[Any, ...]:
+    b = m.bounds or (None, None, None, None)
+    ll = m.lonlat_bounds or (None, None, None, None)
+    return (
+        m.relpath, m.size, m.mtime_ns, m.sha256, m.width, m.height, m.crs, *b,
+        None if m.transform is None else json.dumps(list(m.transform)), *ll,
+        None if m.footprint is None else json.dumps([[round(x, 9), round(y, 9)] for x, y in m.footprint]),
+        m.acquired,
+    )  # fmt: skip
 
 
 class MetadataStore:
@@ -147,6 +216,10 @@ class MetadataStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(images)")}
+            for col, kind in _ADDED_COLS.items():
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE images ADD COLUMN {col} {kind}")
             if self.get_info("schema_version") is None:
                 self.set_info("schema_version", SCHEMA_VERSION)
         try:
@@ -157,6 +230,15 @@ class MetadataStore:
             raise DataError(
                 f"index schema version {version}; this rsitr reads {SCHEMA_VERSION}", path=self.path
             )
+        if readonly:
+            with self._lock:
+                have = {r[1] for r in self._db.execute("PRAGMA table_info(images)")}
+            if not set(_ADDED_COLS) <= have:
+                raise DataError(
+                    "index written by an older rsitr (no footprint columns): run 'rsitr index build' "
+                    "on it once to upgrade it",
+                    path=self.path,
+                )
 
     def close(self) -> None:
         """Close the connection."""
@@ -199,29 +281,69 @@ class MetadataStore:
             return {r[0]: LiveRow(*r[1:]) for r in cur}
 
     def add_images(self, items: Sequence[ImageMetadata], vectors: np.ndarray, gen: int) -> list[int]:
-        """Insert rows and their (N, D) float32 vectors; returns the new row ids.
+        """Insert rows and their (N, D) float32 vectors under their :func:`image_id`; returns the ids.
 
-        Call inside :meth:`transaction` so that a batch is written whole.
+        A row with the same id (the same path and content) left by an unpublished generation is
+        replaced. Call inside :meth:`transaction` so that a batch is written whole.
+
+        Raises:
+            DataError: if two different files share an id (a 63-bit hash collision).
         """
         if len(items) != len(vectors):
             raise ValueError(f"{len(items)} rows but {len(vectors)} vectors")
         vecs = np.ascontiguousarray(vectors, dtype="<f4")
         ids = []
+        cols = _META_COLS.replace(" ", "")
+        marks = ",".join("?" * (cols.count(",") + 2))
         with self._lock:
             for m, v in zip(items, vecs, strict=True):
-                b = m.bounds or (None, None, None, None)
-                cur = self._db.execute(
-                    "INSERT INTO images(path, size, mtime_ns, sha256, width, height, crs, min_x, min_y, "
-                    "max_x, max_y, transform, added_gen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        m.relpath, m.size, m.mtime_ns, m.sha256, m.width, m.height, m.crs, *b,
-                        None if m.transform is None else json.dumps(list(m.transform)), gen,
-                    ),
-                )  # fmt: skip
-                row_id = int(cur.lastrowid)  # type: ignore[arg-type]
-                self._db.execute("INSERT INTO vectors(id, vec) VALUES (?, ?)", (row_id, v.tobytes()))
+                row_id = m.id
+                old = self._db.execute("SELECT path, sha256 FROM images WHERE id = ?", (row_id,)).fetchone()
+                if old is not None and tuple(old) != (m.relpath, m.sha256):
+                    raise DataError(f"image id collision with {old[0]}", path=m.relpath)
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO images({cols}, added_gen, removed_gen) VALUES ({marks})",
+                    (row_id, *_row_values(m), gen, None),
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO vectors(id, vec) VALUES (?, ?)", (row_id, v.tobytes())
+                )
                 ids.append(row_id)
         return ids
+
+    def ids_in_box(self, west: float, south: float, east: float, north: float) -> list[tuple[int, str]]:
+        """``(id, footprint JSON)`` of rows whose footprint bounding box meets the box (a superset
+        of the footprints that intersect it; antimeridian-crossing boxes included)."""
+        with self._lock:
+            return [
+                (int(r[0]), r[1])
+                for r in self._db.execute(
+                    "SELECT id, footprint FROM images WHERE footprint IS NOT NULL "
+                    "AND lat_min <= ? AND lat_max >= ? AND ("
+                    "(lon_min <= lon_max AND lon_min <= ? AND lon_max >= ?) OR "
+                    "(lon_min > lon_max AND (lon_min <= ? OR lon_max >= ?)))",
+                    (north, south, east, west, east, west),
+                )
+            ]
+
+    def vectors(self, ids: Sequence[int], dim: int, generation: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, (N, dim) float32 vectors)`` of those of ``ids`` in published ``generation``."""
+        out_ids: list[int] = []
+        blobs: list[bytes] = []
+        ids = [int(i) for i in ids]
+        with self._lock:
+            for s in range(0, len(ids), 500):
+                chunk = ids[s : s + 500]
+                q = (
+                    "SELECT v.id, v.vec FROM vectors v JOIN images i ON i.id = v.id WHERE v.id IN "
+                    f"({','.join('?' * len(chunk))}) AND i.added_gen <= ? "
+                    "AND (i.removed_gen IS NULL OR i.removed_gen > ?)"
+                )
+                for r in self._db.execute(q, (*chunk, generation, generation)):
+                    out_ids.append(int(r[0]))
+                    blobs.append(r[1])
+        vecs = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(out_ids), dim)
+        return np.asarray(out_ids, dtype=np.int64), vecs.astype(np.float32)
 
     def remove(self, ids: Sequence[int], gen: int) -> None:
         """Remove rows in generation ``gen``: rows that ``gen`` itself added (never published)
@@ -304,21 +426,21 @@ class MetadataStore:
                     out[int(r[0])] = _meta_from_row(r)
         return out
 
-    def iter_metadata(self) -> Iterator[tuple[int, ImageMetadata, bytes]]:
-        """Yield ``(id, metadata, vector bytes)`` of every live row, by id (for merging)."""
+    def iter_metadata(self, generation: int) -> Iterator[tuple[int, ImageMetadata, bytes]]:
+        """Yield ``(id, metadata, vector bytes)`` of every row of published ``generation``, by id."""
         last = -1
         while True:
             with self._lock:
                 rows = self._db.execute(
                     f"SELECT {', '.join('i.' + c.strip() for c in _META_COLS.split(','))}, v.vec "
-                    "FROM images i JOIN vectors v ON v.id = i.id WHERE i.removed_gen IS NULL AND i.id > ? "
-                    "ORDER BY i.id LIMIT 4096",
-                    (last,),
+                    "FROM images i JOIN vectors v ON v.id = i.id WHERE i.added_gen <= ? "
+                    "AND (i.removed_gen IS NULL OR i.removed_gen > ?) AND i.id > ? ORDER BY i.id LIMIT 4096",
+                    (generation, generation, last),
                 ).fetchall()
             if not rows:
                 return
             for r in rows:
-                yield int(r[0]), _meta_from_row(r), r[13]
+                yield int(r[0]), _meta_from_row(r), r[-1]
             last = int(rows[-1][0])
 
     # -- failures -----------------------------------------------------------------------------
