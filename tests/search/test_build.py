@@ -1,5 +1,5 @@
 """Index builds: resume after an interruption, incremental rebuilds, unreadable files,
-checkpoint identity, atomic publication, shards and merge, GeoTIFF metadata, ANN kinds."""
+checkpoint identity, atomic publication, content-derived ids, GeoTIFF metadata, ANN kinds."""
 
 from __future__ import annotations
 
@@ -13,14 +13,7 @@ import pytest
 import tifffile
 
 from rsitr.errors import ConfigError, DataError
-from rsitr.retrieval.index import (
-    Index,
-    IndexMismatchError,
-    ShardSpec,
-    VectorIndexConfig,
-    build_index,
-    merge_indexes,
-)
+from rsitr.retrieval.index import Index, IndexMismatchError, VectorIndexConfig, build_index, image_id
 from rsitr.retrieval.index import build as build_module
 from tests.search.conftest import SearchAssets
 
@@ -174,38 +167,32 @@ def test_a_crash_while_publishing_keeps_the_previous_index(
     assert names_of(out, assets.ckpt) == files_of(archive_copy)
 
 
-def test_shards_are_disjoint_and_merge_equals_a_full_build(
-    assets: SearchAssets, built_index: Path, tmp_path: Path
+def test_ids_depend_only_on_path_and_content(
+    assets: SearchAssets, built_index: Path, archive_copy: Path
 ) -> None:
-    parts = []
-    for i in range(3):
-        out = tmp_path / f"shard{i}"
-        r = build_index(assets.archive, assets.ckpt, out, shard=f"{i}/3")
-        assert r.files == r.count > 0
-        parts.append(names_of(out, assets.ckpt))
-    assert sum(len(p) for p in parts) == 40 and set().union(*parts) == files_of(assets.archive)
+    """Two builds that differ in batch size, file order of commits and folder hold the same ids;
+    a changed file gets a new id, an unchanged one keeps its id."""
+    from rsitr.retrieval.index.identity import file_sha256
 
-    with pytest.raises(ConfigError, match="missing shard"):
-        merge_indexes([tmp_path / "shard0", tmp_path / "shard2"], tmp_path / "partial")
-    with pytest.raises(ConfigError, match="shard"):  # resuming a shard with another split
-        build_index(assets.archive, assets.ckpt, tmp_path / "shard0", shard="0/2")
-    r = merge_indexes([tmp_path / f"shard{i}" for i in range(3)], tmp_path / "merged")
-    assert r.count == 40
-    with Index.open(tmp_path / "merged", assets.ckpt) as merged, Index.open(built_index, assets.ckpt) as full:
-        for q in ("two grey airplanes", "ships in a harbour", "a dense residential area"):
-            a, b = merged.search_text(q, k=5), full.search_text(q, k=5)
-            assert [h.name for h in a] == [h.name for h in b]
-            assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-6)
-    # the merged index is an ordinary index: an incremental build of the archive is a no-op
-    r = build_index(assets.archive, assets.ckpt, tmp_path / "merged")
-    assert (r.published, r.unchanged) == (False, 40)
+    out = archive_copy.parent / "other"
+    build_index(archive_copy, assets.ckpt, out, batch_size=7, workers=1)
 
+    def ids(index_dir: Path) -> dict[str, int]:
+        with Index.open(index_dir, assets.ckpt, load_model=False) as ix:
+            hits = ix.search_vectors(np.ones((1, ix.dim), np.float32), k=100)[0]
+            return {h.name: h.id for h in hits}
 
-def test_shard_spec_parsing() -> None:
-    assert ShardSpec.parse("1/4") == ShardSpec(1, 4) and ShardSpec.parse(None).whole
-    for bad in ("4/4", "1", "a/b", "-1/2", "0/0"):
-        with pytest.raises(ConfigError, match="--shard"):
-            ShardSpec.parse(bad)
+    first = ids(out)
+    assert first == ids(built_index) and len(first) == 40
+    assert all(i == image_id(n, file_sha256(archive_copy / n)) for n, i in first.items())
+    changed = sorted(first)[0]
+    shutil.copy(archive_copy / sorted(first)[1], archive_copy / changed)
+    build_index(archive_copy, assets.ckpt, out)
+    second = ids(out)
+    assert second[changed] != first[changed]
+    assert {n: i for n, i in second.items() if n != changed} == {
+        n: i for n, i in first.items() if n != changed
+    }
 
 
 def test_geotiff_metadata_is_stored(assets: SearchAssets, tmp_path: Path) -> None:

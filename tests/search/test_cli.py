@@ -1,5 +1,5 @@
-"""The command line: index build (report, shards), index merge and search (text, image,
-image→caption, JSON), and the one-line errors."""
+"""The command line: index build (report), search (text, image, image→caption, JSON, filters),
+and the one-line errors."""
 
 from __future__ import annotations
 
@@ -12,42 +12,33 @@ from rsitr.cli import run
 from tests.search.conftest import SearchAssets
 
 
-def test_index_build_merge_and_search_commands(
+def test_index_build_and_search_commands(
     assets: SearchAssets, archive_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (archive_copy / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    for i in range(2):
-        shard = tmp_path / f"s{i}"
-        assert (
-            run(
-                [
-                    "index",
-                    "build",
-                    str(archive_copy),
-                    "--checkpoint",
-                    str(assets.ckpt),
-                    "--out",
-                    str(shard),
-                    "--shard",
-                    f"{i}/2",
-                    "--json",
-                ]
-            )
-            == 0
-        )
-    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert sum(r["count"] for r in reports) == 40
-    assert [f["path"] for r in reports for f in r["failed"]] == ["broken.png"]
-
-    merged = tmp_path / "merged"
-    assert run(["index", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(merged)]) == 0
+    merged = tmp_path / "index"
+    argv = ["index", "build", str(archive_copy), "--checkpoint", str(assets.ckpt), "--out", str(merged)]
+    assert run([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 40
+    assert [f["path"] for f in report["failed"]] == ["broken.png"]
+    assert run(argv) == 0
     out = capsys.readouterr().out
     assert "40 images indexed" in out and "broken.png" in out
 
     caption, image = assets.query
     assert run(["search", str(merged), caption, "--top", "3", "--json"]) == 0
     body = json.loads(capsys.readouterr().out)
+    assert body["query"] == caption  # the text as typed, no added quotes
+    assert body["filters"] == {"bbox": None, "min_score": None}
     assert body["results"][0]["name"] == image and len(body["results"]) == 3
+    floor = body["results"][1]["score"]
+    assert run(["search", str(merged), caption, "--top", "3", "--min-score", str(floor), "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)["results"]
+    assert [h["name"] for h in kept] == [h["name"] for h in body["results"][:2]]
+    # no image here is georeferenced: a box keeps none of them
+    assert run(["search", str(merged), caption, "--bbox", "-180,-90,180,90", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == []
     assert body["results"][0]["metadata"]["width"] == 128
 
     assert run(["search", str(merged), "--image", str(archive_copy / image), "--top", "2", "--json"]) == 0
@@ -90,9 +81,37 @@ def test_index_build_merge_and_search_commands(
         (["search", "{tmp}/nothing", "ships"], "no index here"),
         (["index", "build", "{tmp}/nothing", "--checkpoint", "{ckpt}", "--out", "{tmp}/o"], "not a folder"),
         (
-            ["index", "build", "{archive}", "--checkpoint", "{ckpt}", "--out", "{tmp}/o", "--shard", "2/2"],
-            "--shard",
+            [
+                "index",
+                "build",
+                "{archive}",
+                "--checkpoint",
+                "{ckpt}",
+                "--out",
+                "{tmp}/o",
+                "--engine",
+                "spark",
+            ],
+            "--engine",
         ),
+        (
+            [
+                "index",
+                "build",
+                "{archive}",
+                "--checkpoint",
+                "{ckpt}",
+                "--out",
+                "{tmp}/o",
+                "--gpus-per-worker",
+                "1",
+            ],
+            "--engine ray only",
+        ),
+        (["search", "{idx}", "ships", "--bbox", "10,5,0,6"], "minx <= maxx"),
+        (["search", "{idx}", "ships", "--bbox", "1,2,3"], "expected 4 numbers"),
+        (["search", "{idx}", "ships", "--bbox", "0,0,200,10"], "longitudes must lie"),
+        (["index", "export", "{idx}", "{tmp}/x.csv", "--format", "csv"], "--format"),
         (
             [
                 "index",

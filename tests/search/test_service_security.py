@@ -37,7 +37,8 @@ def tampered(assets: SearchAssets, archive_copy: Path, tmp_path: Path) -> Iterat
     build_index(archive_copy, assets.ckpt, out, batch_size=16)
     (archive_copy / "zz_link.jpg").symlink_to(secret)
     db = sqlite3.connect(next(out.rglob("meta.sqlite")))
-    edits = {1: "zz_link.jpg", 2: "../../../../../../etc/passwd", 3: str(secret)}
+    ids = [r[0] for r in db.execute("SELECT id FROM images ORDER BY path")]
+    edits = {ids[0]: "zz_link.jpg", ids[1]: "../../../../../../etc/passwd", ids[2]: str(secret)}
     with db:
         for i, rel in edits.items():
             db.execute("UPDATE images SET path = ? WHERE id = ?", (rel, i))
@@ -45,19 +46,20 @@ def tampered(assets: SearchAssets, archive_copy: Path, tmp_path: Path) -> Iterat
     index = Index.open(out, assets.ckpt)
     app = create_app(index, ServiceConfig(upload=UploadPolicy(max_bytes=MAX_UPLOAD)))
     with TestClient(app) as c:
-        yield c, edits
+        yield c, {**edits, "untouched": ids[3]}
     index.close()
 
 
 def test_paths_outside_the_archive_are_never_served(tampered: tuple[TestClient, dict]) -> None:
     client, edits = tampered
+    untouched = edits.pop("untouched")
     for image_id in edits:
         for size in ("thumb", "large"):
             r = client.get(f"/api/images/{image_id}", params={"size": size})
             assert r.status_code == 404, (image_id, r.status_code)
             assert not r.headers.get("content-type", "").startswith("image/")
             assert SECRET not in r.content and b"root:" not in r.content
-    assert client.get("/api/images/4").status_code == 200  # an untouched id is still served
+    assert client.get(f"/api/images/{untouched}").status_code == 200  # an untouched id is still served
 
 
 @pytest.fixture(scope="module")

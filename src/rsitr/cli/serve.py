@@ -39,6 +39,17 @@ def serve_cmd(
         Path | None, typer.Option("--root", help="Archive root, if it moved since the build.")
     ] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest accepted upload.")] = 10.0,
+    basemap: Annotated[
+        str | None,
+        typer.Option(
+            "--basemap",
+            help="XYZ tile URL template for the map (https://…/{z}/{x}/{y}.png); default none: "
+            "footprints over a graticule, nothing loaded from outside.",
+        ),
+    ] = None,
+    basemap_attribution: Annotated[
+        str, typer.Option("--basemap-attribution", help="Attribution text the tile provider requires.")
+    ] = "",
 ) -> None:
     """Serve a search page and a JSON API (OpenAPI at /docs) over an index."""
     try:
@@ -58,6 +69,10 @@ def serve_cmd(
             "binding to %s: anyone who can reach this address can search and view the archive", host
         )
     index = Index.open(index_dir, checkpoint, root=root)
-    config = ServiceConfig(upload=UploadPolicy(max_bytes=int(max_upload_mb * (1 << 20))))
+    config = ServiceConfig(
+        upload=UploadPolicy(max_bytes=int(max_upload_mb * (1 << 20))),
+        basemap=basemap,
+        basemap_attribution=basemap_attribution,
+    )
     logger.info("serving %d images of %s on http://%s:%d", index.count, index_dir, host, port)
     uvicorn.run(create_app(index, config), host=host, port=port, log_level="info")

@@ -294,7 +294,7 @@ class MetadataStore:
         vecs = np.ascontiguousarray(vectors, dtype="<f4")
         ids = []
         cols = _META_COLS.replace(" ", "")
-        marks = ",".join("?" * (cols.count(",") + 2))
+        marks = ",".join("?" * (cols.count(",") + 3))  # the columns, added_gen, removed_gen
         with self._lock:
             for m, v in zip(items, vecs, strict=True):
                 row_id = m.id
@@ -389,6 +389,15 @@ class MetadataStore:
                 "SELECT COUNT(*) FROM images WHERE removed_gen = ?", (gen,)
             ).fetchone()[0]
         return int(added), int(removed)
+
+    def count_georeferenced(self) -> int:
+        """Live rows with a footprint."""
+        with self._lock:
+            return int(
+                self._db.execute(
+                    "SELECT COUNT(*) FROM images WHERE removed_gen IS NULL AND footprint IS NOT NULL"
+                ).fetchone()[0]
+            )
 
     def count_live(self) -> int:
         """Rows not removed."""
