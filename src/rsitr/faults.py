@@ -1,6 +1,6 @@
 """Fault injection for the crash tests: ``RSITR_CRASH_AT=<point>`` SIGKILLs the process at that
 named point, as a power cut would (points: ``step-N``, ``checkpoint-swap:FOLDER``,
-``index-batch-N``, ``index-publish``, ``index-cleanup``, ``ray-embed-batch``). With
+``index-batch-N``, ``index-publish``, ``index-cleanup``, ``ray-embed-batch-N``). With
 ``RSITR_CRASH_ONCE=<folder>`` too, only the first process to reach the point dies (it leaves a
 marker file there), which is how a test kills one Ray worker mid-build. Unset in normal runs:
 a no-op."""

@@ -351,6 +351,14 @@ def test_page_map_footprints_hover_and_draw_area(
         "(i) => window.rsitrFootprints[i].getElement().classList.contains('highlight')", arg=rank - 1
     )
     assert page.evaluate("document.getElementById('viewer').open") is False
+
+    # a narrow screen stacks the map above the results
+    page.set_viewport_size({"width": 600, "height": 900})
+    page.wait_for_function(
+        "document.getElementById('map').getBoundingClientRect().bottom"
+        " <= document.getElementById('results').getBoundingClientRect().top"
+    )
+    page.screenshot(path=str(ARTIFACTS / "search_map_narrow.png"))
     assert errors == []
     assert foreign == []
     context.close()

@@ -149,6 +149,7 @@ class ArchiveEmbedder:
         enc = self.method.image_encoder
         self.transform = EvalTransform(enc.image_size, enc.mean, enc.std)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        self.batches = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         from rsitr.retrieval.index.ingest import embed_batch, ingest_file
@@ -157,7 +158,8 @@ class ArchiveEmbedder:
             FileStat(str(r), int(s), int(m))
             for r, s, m in zip(batch["relpath"], batch["size"], batch["mtime_ns"], strict=True)
         ]
-        crash_point("ray-embed-batch")  # a worker killed mid-build (tests)
+        self.batches += 1
+        crash_point(f"ray-embed-batch-{self.batches}")  # a worker killed mid-build (tests)
         read = list(self.pool.map(lambda st: ingest_file(self.root, st, self.transform), stats))
         ok = [b for b in read if b.metadata is not None]
         vecs = embed_batch(self.method, ok, self.device, self.views) if ok else None
