@@ -3,8 +3,9 @@
 The filter runs *before* ranking, so a query returns the best k images inside the box (as many
 as there are, up to k), never the global top k cut down to the few inside it:
 
-1. SQLite selects the rows whose lon/lat bounding box meets the query box (antimeridian-aware),
-   and an exact polygon test (shapely) keeps the footprints that really intersect it;
+1. an SQLite R*Tree selects the rows whose lon/lat bounding box meets the query box
+   (antimeridian-aware), and an exact polygon test (shapely) keeps those of the footprints on
+   the box's edge that really intersect it;
 2. the selected ids restrict the FAISS search: up to ``EXACT_LIMIT`` candidates are scored
    exactly against their full vectors, read in place from the index's flat storage; beyond
    that, FAISS searches with an id selector (``IDSelectorBatch``) passed in its search
@@ -29,9 +30,17 @@ EXACT_LIMIT = 200_000
 
 
 def ids_in_bbox(store: MetadataStore, bbox: BBox) -> np.ndarray:
-    """Sorted ids of the images whose footprint intersects ``bbox`` (int64)."""
-    rows = store.ids_in_box(*bbox.as_tuple())
-    keep = [i for i, ring in rows if footprint_intersects(json.loads(ring), bbox)]
+    """Sorted ids of the images whose footprint intersects ``bbox`` (int64).
+
+    A footprint whose bounding box lies inside the box intersects it; only the others (on the
+    box's edge) get the exact polygon test.
+    """
+    w, s, e, n = bbox.as_tuple()
+    keep = []
+    for i, (fw, fs, fe, fn), ring in store.ids_in_box(w, s, e, n):
+        inside = w <= fw and fe <= e and s <= fs and fn <= n  # (never true across ±180: fe > 180)
+        if inside or footprint_intersects(json.loads(ring), bbox):
+            keep.append(i)
     return np.asarray(sorted(keep), dtype=np.int64)
 
 

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_path ON images(path);
 CREATE INDEX IF NOT EXISTS images_removed ON images(removed_gen);
 CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, vec BLOB NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS footprint_boxes USING rtree(id, lon_min, lon_max, lat_min, lat_max);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -308,23 +309,34 @@ class MetadataStore:
                 self._db.execute(
                     "INSERT OR REPLACE INTO vectors(id, vec) VALUES (?, ?)", (row_id, v.tobytes())
                 )
+                if m.lonlat_bounds is not None:
+                    w, so, e, n = m.lonlat_bounds
+                    self._db.execute(  # a box across ±180 is stored unwrapped: east + 360
+                        "INSERT OR REPLACE INTO footprint_boxes VALUES (?, ?, ?, ?, ?)",
+                        (row_id, w, e + 360 if w > e else e, so, n),
+                    )
                 ids.append(row_id)
         return ids
 
-    def ids_in_box(self, west: float, south: float, east: float, north: float) -> list[tuple[int, str]]:
-        """``(id, footprint JSON)`` of rows whose footprint bounding box meets the box (a superset
-        of the footprints that intersect it; antimeridian-crossing boxes included)."""
+    def ids_in_box(
+        self, west: float, south: float, east: float, north: float
+    ) -> list[tuple[int, tuple[float, float, float, float], str]]:
+        """``(id, (west, south, east, north), footprint JSON)`` of the rows whose footprint
+        bounding box meets the box: a superset of the footprints that intersect it. An R*Tree
+        answers it; boxes across ±180 are stored unwrapped, so the box is also tried 360° east."""
+        out = []
         with self._lock:
-            return [
-                (int(r[0]), r[1])
-                for r in self._db.execute(
-                    "SELECT id, footprint FROM images WHERE footprint IS NOT NULL "
-                    "AND lat_min <= ? AND lat_max >= ? AND ("
-                    "(lon_min <= lon_max AND lon_min <= ? AND lon_max >= ?) OR "
-                    "(lon_min > lon_max AND (lon_min <= ? OR lon_max >= ?)))",
-                    (north, south, east, west, east, west),
-                )
-            ]
+            for shift in (0.0, 360.0):
+                out += self._db.execute(
+                    "SELECT b.id, b.lon_min, b.lat_min, b.lon_max, b.lat_max, i.footprint "
+                    "FROM footprint_boxes b JOIN images i ON i.id = b.id "
+                    "WHERE b.lon_min <= ? AND b.lon_max >= ? AND b.lat_min <= ? AND b.lat_max >= ?",
+                    (east + shift, west + shift, north, south),
+                ).fetchall()
+        seen: dict[int, tuple[int, tuple[float, float, float, float], str]] = {}
+        for r in out:
+            seen.setdefault(int(r[0]), (int(r[0]), (r[1], r[2], r[3], r[4]), r[5]))
+        return list(seen.values())
 
     def vectors(self, ids: Sequence[int], dim: int, generation: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, (N, dim) float32 vectors)`` of those of ``ids`` in published ``generation``."""
@@ -356,6 +368,7 @@ class MetadataStore:
                 if row[0] >= gen:
                     self._db.execute("DELETE FROM images WHERE id = ?", (i,))
                     self._db.execute("DELETE FROM vectors WHERE id = ?", (i,))
+                    self._db.execute("DELETE FROM footprint_boxes WHERE id = ?", (i,))
                 else:
                     self._db.execute("UPDATE images SET removed_gen = ? WHERE id = ?", (gen, i))
 
@@ -374,10 +387,11 @@ class MetadataStore:
                 for r in self._db.execute("SELECT id FROM images WHERE removed_gen <= ?", (published_gen,))
             ]
             with self.transaction():
-                self._db.execute(
-                    "DELETE FROM vectors WHERE id IN (SELECT id FROM images WHERE removed_gen <= ?)",
-                    (published_gen,),
-                )
+                for table in ("vectors", "footprint_boxes"):
+                    self._db.execute(
+                        f"DELETE FROM {table} WHERE id IN (SELECT id FROM images WHERE removed_gen <= ?)",
+                        (published_gen,),
+                    )
                 self._db.execute("DELETE FROM images WHERE removed_gen <= ?", (published_gen,))
         return len(ids)
 
