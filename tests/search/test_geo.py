@@ -155,7 +155,9 @@ def test_geoparquet_export_reads_back_with_geopandas(geo: GeoArchive, tmp_path: 
     assert (report.rows, report.georeferenced) == (len(geo.corners), 10)
     df = gpd.read_parquet(out).set_index("path")
     assert df.crs.to_epsg() == 4326
-    assert run(["index", "export", str(geo.index), str(tmp_path / "cli.parquet"), "--format", "geoparquet"]) == 0
+    assert (
+        run(["index", "export", str(geo.index), str(tmp_path / "cli.parquet"), "--format", "geoparquet"]) == 0
+    )
     assert gpd.read_parquet(tmp_path / "cli.parquet").set_index("path").index.equals(df.index)
     import pyarrow.parquet as pq
 
@@ -296,12 +298,13 @@ def test_old_index_is_refused_readonly_until_rebuilt(geo: GeoArchive, assets: Se
     db = sqlite3.connect(old / "meta.sqlite")
     for col in ("lon_min", "lat_min", "lon_max", "lat_max", "footprint", "acquired"):
         db.execute(f"ALTER TABLE images DROP COLUMN {col}")
+    db.execute("DROP TABLE footprint_boxes")
     db.commit()
     db.close()
     from rsitr.errors import DataError
 
     with pytest.raises(DataError, match="older rsitr"):
         Index.open(old, assets.ckpt, load_model=False)
-    build_index(geo.root, assets.ckpt, old)
+    build_index(geo.root, assets.ckpt, old)  # adds the columns and the R*Tree (the rows re-read)
     with Index.open(old, assets.ckpt, load_model=False) as ix:
         assert ix.count == len(geo.corners)

@@ -221,6 +221,12 @@ class MetadataStore:
             for col, kind in _ADDED_COLS.items():
                 if col not in have:
                     self._db.execute(f"ALTER TABLE images ADD COLUMN {col} {kind}")
+            if self._db.execute("SELECT COUNT(*) FROM footprint_boxes").fetchone()[0] == 0:
+                self._db.execute(  # an index written before the R*Tree: fill it from its rows
+                    "INSERT INTO footprint_boxes SELECT id, lon_min, "
+                    "CASE WHEN lon_min > lon_max THEN lon_max + 360 ELSE lon_max END, lat_min, lat_max "
+                    "FROM images WHERE lon_min IS NOT NULL"
+                )
             if self.get_info("schema_version") is None:
                 self.set_info("schema_version", SCHEMA_VERSION)
         try:
@@ -234,7 +240,10 @@ class MetadataStore:
         if readonly:
             with self._lock:
                 have = {r[1] for r in self._db.execute("PRAGMA table_info(images)")}
-            if not set(_ADDED_COLS) <= have:
+                have |= {
+                    r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
+            if not {*_ADDED_COLS, "footprint_boxes"} <= have:
                 raise DataError(
                     "index written by an older rsitr (no footprint columns): run 'rsitr index build' "
                     "on it once to upgrade it",
