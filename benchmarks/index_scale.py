@@ -147,7 +147,7 @@ def filtered_table(folder: Path, index_file: Path) -> list[str]:
     dlon, dlat = 360.0 / side, 120.0 / side
     store = MetadataStore(folder / "meta.sqlite")
     rows = []
-    for i in range(n):
+    for i in range(n if store.count_live() == 0 else 0):  # (filled by an earlier run: reused)
         w, s = -180 + (i % side) * dlon, -60 + (i // side) * dlat
         ring = json.dumps([[w, s + dlat], [w, s], [w + dlon, s], [w + dlon, s + dlat], [w, s + dlat]])
         rows.append((i, f"tile_{i}.tif", 1, 0, "0" * 64, "EPSG:4326", w, s, w + dlon, s + dlat, ring, 1))
@@ -201,10 +201,17 @@ def main() -> None:
     ap.add_argument("--project", default="10000000", help="sizes projected from the largest measured one")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--skip-embed", action="store_true")
+    ap.add_argument(
+        "--filter-only", action="store_true", help="only table 3, on the --work of an earlier run"
+    )
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default a temporary one)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="rsitr-scale-"))
     print(f"scratch: {work}; {os.cpu_count()} cores", flush=True)
+    if args.filter_only:
+        n = max(int(v) for v in args.sizes.split(","))
+        print("\n".join(filtered_table(work / f"shards-{n}", work / f"shards-{n}" / "vectors.faiss")))
+        return
     if not args.skip_embed:
         print("\n## Embedding throughput\n")
         print("\n".join(embedding_table(args.tiles, work)))

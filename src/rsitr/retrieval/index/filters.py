@@ -35,13 +35,9 @@ def ids_in_bbox(store: MetadataStore, bbox: BBox) -> np.ndarray:
     A footprint whose bounding box lies inside the box intersects it; only the others (on the
     box's edge) get the exact polygon test.
     """
-    w, s, e, n = bbox.as_tuple()
-    keep = []
-    for i, (fw, fs, fe, fn), ring in store.ids_in_box(w, s, e, n):
-        inside = w <= fw and fe <= e and s <= fs and fn <= n  # (never true across ±180: fe > 180)
-        if inside or footprint_intersects(json.loads(ring), bbox):
-            keep.append(i)
-    return np.asarray(sorted(keep), dtype=np.int64)
+    inside, edge = store.ids_in_box(*bbox.as_tuple())
+    keep = [i for i, ring in edge if footprint_intersects(json.loads(ring), bbox)]
+    return np.unique(np.concatenate([inside, np.asarray(keep, dtype=np.int64)]))
 
 
 def _flat_storage(index: Any) -> np.ndarray | None:

@@ -329,23 +329,28 @@ class MetadataStore:
 
     def ids_in_box(
         self, west: float, south: float, east: float, north: float
-    ) -> list[tuple[int, tuple[float, float, float, float], str]]:
-        """``(id, (west, south, east, north), footprint JSON)`` of the rows whose footprint
-        bounding box meets the box: a superset of the footprints that intersect it. An R*Tree
-        answers it; boxes across ±180 are stored unwrapped, so the box is also tried 360° east."""
-        out = []
+    ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """The rows whose footprint bounding box meets the box, from an R*Tree: ``(ids whose box
+        lies inside it, [(id, footprint JSON)] of those on its edge)``. Boxes across ±180 are
+        stored unwrapped (east + 360), so the box is also tried 360° east; they are always
+        edge rows."""
+        meets = "lon_min <= ? AND lon_max >= ? AND lat_min <= ? AND lat_max >= ?"
+        within = "lon_min >= ? AND lon_max <= ? AND lat_min >= ? AND lat_max <= ?"
+        inside_args = (west, east, south, north)
         with self._lock:
+            inside = [
+                r[0] for r in self._db.execute(f"SELECT id FROM footprint_boxes WHERE {within}", inside_args)
+            ]
+            edge: dict[int, str] = {}
             for shift in (0.0, 360.0):
-                out += self._db.execute(
-                    "SELECT b.id, b.lon_min, b.lat_min, b.lon_max, b.lat_max, i.footprint "
-                    "FROM footprint_boxes b JOIN images i ON i.id = b.id "
-                    "WHERE b.lon_min <= ? AND b.lon_max >= ? AND b.lat_min <= ? AND b.lat_max >= ?",
-                    (east + shift, west + shift, north, south),
-                ).fetchall()
-        seen: dict[int, tuple[int, tuple[float, float, float, float], str]] = {}
-        for r in out:
-            seen.setdefault(int(r[0]), (int(r[0]), (r[1], r[2], r[3], r[4]), r[5]))
-        return list(seen.values())
+                for r in self._db.execute(
+                    f"SELECT b.id, i.footprint FROM footprint_boxes b JOIN images i ON i.id = b.id "
+                    f"WHERE {meets.replace('lon', 'b.lon').replace('lat', 'b.lat')} "
+                    f"AND NOT ({within.replace('lon', 'b.lon').replace('lat', 'b.lat')})",
+                    (east + shift, west + shift, north, south, *inside_args),
+                ):
+                    edge.setdefault(int(r[0]), r[1])
+        return np.asarray(inside, dtype=np.int64), list(edge.items())
 
     def vectors(self, ids: Sequence[int], dim: int, generation: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, (N, dim) float32 vectors)`` of those of ``ids`` in published ``generation``."""
