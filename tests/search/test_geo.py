@@ -305,6 +305,9 @@ def test_old_index_is_refused_readonly_until_rebuilt(geo: GeoArchive, assets: Se
 
     with pytest.raises(DataError, match="older rsitr"):
         Index.open(old, assets.ckpt, load_model=False)
-    build_index(geo.root, assets.ckpt, old)  # adds the columns and the R*Tree (the rows re-read)
-    with Index.open(old, assets.ckpt, load_model=False) as ix:
+    r = build_index(geo.root, assets.ckpt, old)  # adds the columns and the R*Tree, reads the tags again
+    assert r.unchanged == len(geo.corners) and r.added == 0  # nothing embedded again
+    with Index.open(old, assets.ckpt) as ix:
         assert ix.count == len(geo.corners)
+        hits = ix.search_text(assets.query[0], k=10, bbox="179.9,0.1,180,0.2")
+        assert [h.name for h in hits] == ["antimeridian.tif"]

@@ -201,6 +201,24 @@ def _embed_files(
                 progress(done, len(files))
 
 
+def _backfill_footprints(store: MetadataStore, root: Path) -> None:
+    """Footprints of the GeoTIFFs an older rsitr indexed (their vectors are kept: only the tags
+    are read again)."""
+    from rsitr.data.footprints import lonlat_footprint
+    from rsitr.data.images import read_geo_info
+
+    with store.transaction():
+        for row_id, rel in store.rows_without_footprint():
+            try:
+                geo = read_geo_info(root / rel)
+            except DataError:
+                continue
+            fp = None if geo is None else lonlat_footprint(geo.crs, geo.transform, geo.width, geo.height)
+            if fp is not None:
+                store.set_footprint(row_id, fp.bbox, fp.ring)
+        store.set_info("needs_footprints", False)
+
+
 def _embed_on_ray(
     root: Path,
     files: list[FileStat],
@@ -377,6 +395,8 @@ def build_index(
             published = manifest.generation if manifest else 0
             gen = published + 1
             store.collect_garbage(published)  # rows a crash left after a publish
+            if store.get_info("needs_footprints"):
+                _backfill_footprints(store, root)
             remove_stale_vectors(out, manifest.vectors.get("file") if manifest else None)
 
             stats = scan_files(root, files)

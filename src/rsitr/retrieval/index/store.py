@@ -221,6 +221,7 @@ class MetadataStore:
             for col, kind in _ADDED_COLS.items():
                 if col not in have:
                     self._db.execute(f"ALTER TABLE images ADD COLUMN {col} {kind}")
+                    self.set_info("needs_footprints", True)  # rows indexed before the columns
             if self._db.execute("SELECT COUNT(*) FROM footprint_boxes").fetchone()[0] == 0:
                 self._db.execute(  # an index written before the R*Tree: fill it from its rows
                     "INSERT INTO footprint_boxes SELECT id, lon_min, "
@@ -417,6 +418,32 @@ class MetadataStore:
                 "SELECT COUNT(*) FROM images WHERE removed_gen = ?", (gen,)
             ).fetchone()[0]
         return int(added), int(removed)
+
+    def rows_without_footprint(self) -> list[tuple[int, str]]:
+        """``(id, relpath)`` of rows with a CRS but no footprint (indexed before footprints)."""
+        with self._lock:
+            return [
+                (int(r[0]), r[1])
+                for r in self._db.execute(
+                    "SELECT id, path FROM images WHERE crs IS NOT NULL AND footprint IS NULL"
+                )
+            ]
+
+    def set_footprint(
+        self, row_id: int, bbox: tuple[float, float, float, float], ring: Sequence[Any]
+    ) -> None:
+        """Record a row's EPSG:4326 footprint (bounding box, ring) and its R*Tree box."""
+        w, so, e, n = bbox
+        with self._lock:
+            self._db.execute(
+                "UPDATE images SET lon_min = ?, lat_min = ?, lon_max = ?, lat_max = ?, footprint = ? "
+                "WHERE id = ?",
+                (w, so, e, n, json.dumps([[round(x, 9), round(y, 9)] for x, y in ring]), row_id),
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO footprint_boxes VALUES (?, ?, ?, ?, ?)",
+                (row_id, w, e + 360 if w > e else e, so, n),
+            )
 
     def count_georeferenced(self) -> int:
         """Live rows with a footprint."""
