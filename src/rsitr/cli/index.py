@@ -91,8 +91,6 @@ def build_cmd(
 
     setup_logging()
     cfg = _vector_config(kind, ann_threshold)
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"--engine {engine!r}: expected local or ray")
     if engine == "local" and (ray_address is not None or gpus_per_worker):
         raise ConfigError("--ray-address and --gpus-per-worker apply to --engine ray only")
     ray = RayOptions(ray_address, workers, gpus_per_worker) if engine == "ray" else None

@@ -58,11 +58,6 @@ class Footprint:
     ring: tuple[tuple[float, float], ...]
     bbox: tuple[float, float, float, float]
 
-    @property
-    def crosses_antimeridian(self) -> bool:
-        """Whether the footprint spans the ±180° meridian."""
-        return self.bbox[0] > self.bbox[2]
-
 
 def parse_bbox(value: str | Sequence[float] | BBox | None, field: str = "bbox") -> BBox | None:
     """Parse ``"minx,miny,maxx,maxy"`` (EPSG:4326 degrees) into a :class:`BBox`.

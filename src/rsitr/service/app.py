@@ -12,7 +12,6 @@ count; results carry file names relative to the archive root, never server paths
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route annotations at run
 # time, and they use values (limits) from create_app's closure.
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -157,7 +156,7 @@ def _hit(r: SearchResult) -> Hit:
         crs=m.crs,
         bounds=None if m.bounds is None else list(m.bounds),
         lonlat_bounds=None if m.lonlat_bounds is None else list(m.lonlat_bounds),
-        footprint=None if geometry is None else json.loads(json.dumps(geometry)),
+        footprint=geometry,
         acquired=m.acquired,
         thumbnail=f"/api/images/{r.id}",
         image=f"/api/images/{r.id}?size=large",

@@ -17,7 +17,6 @@ order in which workers finish never changes the index.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ import numpy as np
 from rsitr.errors import ConfigError, MissingDependencyError
 from rsitr.faults import crash_point
 from rsitr.retrieval.index.scan import FileStat
-from rsitr.retrieval.index.store import ImageMetadata, MetadataStore
+from rsitr.retrieval.index.store import ImageMetadata, MetadataStore, ring_from_json, ring_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def metadata_table(
     def col(values: list[Any], f: Callable[[FileStat], Any] | None = None) -> list[Any]:
         return values + [None if f is None else f(s) for s, _ in failed]
 
-    footprints = [None if m.footprint is None else json.dumps([list(p) for p in m.footprint]) for m in items]
+    footprints = [ring_to_json(m.footprint) for m in items]
     return pa.table(
         {
             "id": pa.array(col([m.id for m in items]), pa.int64()),
@@ -107,7 +106,6 @@ def _row_metadata(r: dict[str, Any]) -> ImageMetadata:
     def tup(v: Any) -> Any:
         return None if v is None else tuple(float(x) for x in v)
 
-    ring = r["footprint"]
     return ImageMetadata(
         relpath=r["path"],
         size=int(r["size"]),
@@ -119,7 +117,7 @@ def _row_metadata(r: dict[str, Any]) -> ImageMetadata:
         bounds=tup(r["bounds"]),
         transform=tup(r["transform"]),
         lonlat_bounds=tup(r["lonlat_bounds"]),
-        footprint=None if ring is None else tuple((float(x), float(y)) for x, y in json.loads(ring)),
+        footprint=ring_from_json(r["footprint"]),
         acquired=r["acquired"],
     )
 

@@ -157,11 +157,21 @@ class LiveRow:
     added_gen: int
 
 
+def ring_to_json(ring: Sequence[Sequence[float]] | None) -> str | None:
+    """A footprint ring as stored: JSON ``[[lon, lat], …]`` (9 decimals, about 0.1 mm)."""
+    return None if ring is None else json.dumps([[round(x, 9), round(y, 9)] for x, y in ring])
+
+
+def ring_from_json(text: str | None) -> tuple[tuple[float, float], ...] | None:
+    """The ring stored by :func:`ring_to_json`."""
+    return None if text is None else tuple((float(x), float(y)) for x, y in json.loads(text))
+
+
 def _meta_from_row(r: Sequence[Any]) -> ImageMetadata:
     bounds = None if r[8] is None else (float(r[8]), float(r[9]), float(r[10]), float(r[11]))
     transform = None if r[12] is None else tuple(json.loads(r[12]))
     lonlat = None if r[13] is None else (float(r[13]), float(r[14]), float(r[15]), float(r[16]))
-    footprint = None if r[17] is None else tuple((float(x), float(y)) for x, y in json.loads(r[17]))
+    footprint = ring_from_json(r[17])
     return ImageMetadata(
         r[1],
         r[2],
@@ -184,7 +194,7 @@ def _row_values(m: ImageMetadata) -> tuple[Any, ...]:
     return (
         m.relpath, m.size, m.mtime_ns, m.sha256, m.width, m.height, m.crs, *b,
         None if m.transform is None else json.dumps(list(m.transform)), *ll,
-        None if m.footprint is None else json.dumps([[round(x, 9), round(y, 9)] for x, y in m.footprint]),
+        ring_to_json(m.footprint),
         m.acquired,
     )  # fmt: skip
 
@@ -320,11 +330,7 @@ class MetadataStore:
                     "INSERT OR REPLACE INTO vectors(id, vec) VALUES (?, ?)", (row_id, v.tobytes())
                 )
                 if m.lonlat_bounds is not None:
-                    w, so, e, n = m.lonlat_bounds
-                    self._db.execute(  # a box across ±180 is stored unwrapped: east + 360
-                        "INSERT OR REPLACE INTO footprint_boxes VALUES (?, ?, ?, ?, ?)",
-                        (row_id, w, e + 360 if w > e else e, so, n),
-                    )
+                    self._put_box(row_id, m.lonlat_bounds)
                 ids.append(row_id)
         return ids
 
@@ -335,19 +341,17 @@ class MetadataStore:
         lies inside it, [(id, footprint JSON)] of those on its edge)``. Boxes across ±180 are
         stored unwrapped (east + 360), so the box is also tried 360° east; they are always
         edge rows."""
-        meets = "lon_min <= ? AND lon_max >= ? AND lat_min <= ? AND lat_max >= ?"
-        within = "lon_min >= ? AND lon_max <= ? AND lat_min >= ? AND lat_max <= ?"
+        within = "b.lon_min >= ? AND b.lon_max <= ? AND b.lat_min >= ? AND b.lat_max <= ?"
         inside_args = (west, east, south, north)
         with self._lock:
-            inside = [
-                r[0] for r in self._db.execute(f"SELECT id FROM footprint_boxes WHERE {within}", inside_args)
-            ]
+            rows = self._db.execute(f"SELECT b.id FROM footprint_boxes b WHERE {within}", inside_args)
+            inside = [r[0] for r in rows]
             edge: dict[int, str] = {}
             for shift in (0.0, 360.0):
                 for r in self._db.execute(
-                    f"SELECT b.id, i.footprint FROM footprint_boxes b JOIN images i ON i.id = b.id "
-                    f"WHERE {meets.replace('lon', 'b.lon').replace('lat', 'b.lat')} "
-                    f"AND NOT ({within.replace('lon', 'b.lon').replace('lat', 'b.lat')})",
+                    "SELECT b.id, i.footprint FROM footprint_boxes b JOIN images i ON i.id = b.id "
+                    "WHERE b.lon_min <= ? AND b.lon_max >= ? AND b.lat_min <= ? AND b.lat_max >= ? "
+                    f"AND NOT ({within})",
                     (east + shift, west + shift, north, south, *inside_args),
                 ):
                     edge.setdefault(int(r[0]), r[1])
@@ -433,16 +437,21 @@ class MetadataStore:
         self, row_id: int, bbox: tuple[float, float, float, float], ring: Sequence[Any]
     ) -> None:
         """Record a row's EPSG:4326 footprint (bounding box, ring) and its R*Tree box."""
-        w, so, e, n = bbox
         with self._lock:
             self._db.execute(
                 "UPDATE images SET lon_min = ?, lat_min = ?, lon_max = ?, lat_max = ?, footprint = ? "
                 "WHERE id = ?",
-                (w, so, e, n, json.dumps([[round(x, 9), round(y, 9)] for x, y in ring]), row_id),
+                (*bbox, ring_to_json(ring), row_id),
             )
+            self._put_box(row_id, bbox)
+
+    def _put_box(self, row_id: int, bbox: tuple[float, float, float, float]) -> None:
+        """A row's footprint box in the R*Tree; a box across ±180 is stored unwrapped (east + 360)."""
+        w, s, e, n = bbox
+        with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO footprint_boxes VALUES (?, ?, ?, ?, ?)",
-                (row_id, w, e + 360 if w > e else e, so, n),
+                (row_id, w, e + 360 if w > e else e, s, n),
             )
 
     def count_georeferenced(self) -> int:
