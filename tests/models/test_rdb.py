@@ -243,6 +243,32 @@ def test_other_weightings() -> None:
     assert w[0] < w[1] and float(w.sum()) == pytest.approx(3.0)  # the fast-falling term gets less
 
 
+def test_anchored_and_normalised_weightings_keep_the_retrieval_term() -> None:
+    """``anchored``: ITC's weight stays 1 and only the auxiliary log-variances learn;
+    ``normalised``: the model's weights sum to K whatever the log-variances, which learn from
+    detached losses (so the model's gradient is Σ w_k ∂L_k)."""
+    names = ["itc", "cls", "ema"]
+    losses = {n: torch.tensor(v, requires_grad=True) for n, v in zip(names, (2.0, 0.5, 0.1), strict=True)}
+    anchored = LossWeighting(names, "anchored", clamp=4.0)
+    anchored(losses).backward()
+    g = anchored.log_vars.grad
+    assert g is not None and g[0] == 0 and torch.allclose(g[1:], torch.tensor([1 - 0.5, 1 - 0.1]))
+    with torch.no_grad():
+        anchored.log_vars.copy_(torch.tensor([3.0, -2.0, -3.0]))  # a drift on the anchor is ignored
+    w = anchored.weights(losses)
+    assert float(w["itc"]) == 1.0 and float(w["ema"]) == pytest.approx(float(torch.exp(torch.tensor(3.0))))
+    norm = LossWeighting(names, "normalised", clamp=4.0)
+    with torch.no_grad():
+        norm.log_vars.copy_(torch.tensor([1.0, -1.0, -3.0]))
+    for v in losses.values():
+        v.grad = None
+    norm(losses).backward()
+    w = torch.stack(list(norm.weights(losses).values()))
+    assert float(w.sum()) == pytest.approx(3.0) and torch.allclose(w, 3 * torch.softmax(-norm.log_vars.detach(), 0))
+    assert all(float(losses[n].grad) == pytest.approx(float(w[i])) for i, n in enumerate(names))
+    assert torch.allclose(norm.log_vars.grad, 1 - torch.exp(-norm.log_vars.detach()) * torch.tensor([2.0, 0.5, 0.1]))
+
+
 def test_cls_ignores_unlabelled_pairs_and_ema_ramps() -> None:
     torch.manual_seed(0)
     m = _offline_rdb(use_ema=False, weighting="fixed", fixed_weights=[1.0, 1.0, 1.0])

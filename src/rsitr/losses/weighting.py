@@ -2,6 +2,10 @@
 
 * ``uncertainty`` (default; Kendall et al. 2018): ``Σ_k r_k·[exp(−s_k)·L_k + s_k]`` with learnable
   log-variances ``s_k`` initialised to 0 and clamped to ``[−c, c]``;
+* ``anchored``: the same, but the first term (the retrieval loss) keeps weight 1 (``s_0 = 0``):
+  only the auxiliary terms are adapted, so their weights cannot drain the retrieval term;
+* ``normalised``: the ``s_k`` learn by the uncertainty objective on detached losses, and the
+  model's loss is ``Σ_k r_k·w_k·L_k`` with ``w = K·softmax(−s)``: the weights always sum to K;
 * ``ratio``: ``w_k = K·(1/L_k) / Σ_j (1/L_j)`` on detached losses (each term contributes about
   equally);
 * ``dwa`` (Liu et al. 2019): ``w_k = K·softmax_k(ρ_k / T)``, ``ρ_k = L̄_k(e−1) / L̄_k(e−2)`` from
@@ -20,7 +24,8 @@ from torch import Tensor, nn
 
 from rsitr.errors import ConfigError
 
-WEIGHTINGS = ("uncertainty", "ratio", "dwa", "fixed")
+WEIGHTINGS = ("uncertainty", "anchored", "normalised", "ratio", "dwa", "fixed")
+_LEARNED = ("uncertainty", "anchored", "normalised")
 
 
 class LossWeighting(nn.Module):
@@ -54,7 +59,12 @@ class LossWeighting(nn.Module):
         if len(fixed) != k:
             raise ConfigError(f"model.fixed_weights: {len(fixed)} weights for {k} terms ({', '.join(names)})")
         self.register_buffer("fixed", torch.tensor(fixed, dtype=torch.float32))
-        self.log_vars = nn.Parameter(torch.zeros(k), requires_grad=mode == "uncertainty")
+        self.log_vars = nn.Parameter(torch.zeros(k), requires_grad=mode in _LEARNED)
+        # ``anchored``: the first term's log-variance is held at 0
+        free = torch.ones(k)
+        if mode == "anchored":
+            free[0] = 0.0
+        self.register_buffer("free", free, persistent=False)
         # DWA: per-epoch loss sums and the two previous epochs' means.
         self.register_buffer("epoch_sum", torch.zeros(k))
         self.register_buffer("epoch_count", torch.zeros(()))
@@ -67,8 +77,10 @@ class LossWeighting(nn.Module):
         """
         present = [n for n in self.names if n in terms]
         idx = [self.names.index(n) for n in present]
-        if self.mode == "uncertainty":
-            w = torch.exp(-self.log_vars.detach().clamp(-self.clamp, self.clamp))[idx]
+        if self.mode in ("uncertainty", "anchored"):
+            w = torch.exp(-self._s().detach())[idx]
+        elif self.mode == "normalised":
+            w = len(self.names) * torch.softmax(-self._s().detach(), 0)[idx]
         elif self.mode == "ratio":
             inv = 1.0 / torch.stack([terms[n].detach() for n in present]).clamp_min(1e-8)
             w = len(present) * inv / inv.sum()
@@ -91,11 +103,19 @@ class LossWeighting(nn.Module):
         if self.training and self.mode == "dwa":
             self.epoch_sum.index_add_(0, idx, losses.detach().float())
             self.epoch_count += 1
-        if self.mode == "uncertainty":
-            s = self.log_vars[idx].clamp(-self.clamp, self.clamp)
+        if self.mode in ("uncertainty", "anchored"):
+            s = self._s()[idx]
             return (r * (torch.exp(-s) * losses + s)).sum()
         w = torch.stack(list(self.weights(terms).values()))
-        return (r * w * losses).sum()
+        total = (r * w * losses).sum()
+        if self.mode == "normalised":  # the log-variances learn from detached losses only
+            s = self._s()[idx]
+            total = total + (r * (torch.exp(-s) * losses.detach() + s)).sum()
+        return total
+
+    def _s(self) -> Tensor:
+        """The clamped log-variances (0 for an anchored term)."""
+        return self.log_vars.clamp(-self.clamp, self.clamp) * self.free
 
     @torch.no_grad()
     def end_epoch(self) -> None:

@@ -99,7 +99,9 @@ class RDBConfig:
         ema_decay: the teacher's final μ (ramped from 0.99 over the first epoch).
         ema_rampup_epochs: r_ema(t) = exp(−5(1 − t/T)²) for t < T epochs.
         ema_target: ``both``, ``retrieval``, ``classification`` or ``embedding_mse``.
-        weighting: ``uncertainty``, ``ratio``, ``dwa`` or ``fixed``.
+        weighting: ``uncertainty``, ``anchored`` (ITC held at weight 1, the auxiliary terms
+            adapted), ``normalised`` (uncertainty weights rescaled to sum to 3), ``ratio``, ``dwa``
+            or ``fixed``.
         fixed_weights: (itc, cls, ema) weights for ``fixed``.
         logvar_clamp: the clamp c on the log-variances.
         triplet: add HarMA's hinge triplet (sum over negatives) to L_itc.
@@ -141,7 +143,7 @@ class RDBConfig:
     ema_decay: float = 0.999
     ema_rampup_epochs: float = 5.0
     ema_target: Literal["both", "retrieval", "classification", "embedding_mse"] = "both"
-    weighting: Literal["uncertainty", "ratio", "dwa", "fixed"] = "uncertainty"
+    weighting: Literal["uncertainty", "anchored", "normalised", "ratio", "dwa", "fixed"] = "uncertainty"
     fixed_weights: tuple[float, float, float] = (1.0, 0.5, 1.0)
     logvar_clamp: float = 4.0
     triplet: bool = False
