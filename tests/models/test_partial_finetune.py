@@ -98,3 +98,41 @@ def test_efficientnet_bf16_is_float32_out_and_close_to_fp32() -> None:
     assert "precision" not in fp32.identity() and bf16.identity()["precision"] == "bf16"
     with pytest.raises(ConfigError, match="precision"):
         create_image_encoder("efficientnet-lite0", pretrained=False, precision="fp8")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_lite0_prefix_then_top_is_the_whole_tower(k: int) -> None:
+    """Split at any k, the cached prefix (map + pooled stages) through the moved units gives the
+    unsplit tower's multi-pooled vector; the split moves parameters, it does not copy them."""
+    torch.manual_seed(0)
+    whole = create_image_encoder("efficientnet-lite0", pretrained=False, pool="multi").eval()
+    m = create_method("dual", {"image_encoder": "efficientnet-lite0", "image_encoder_kwargs": {"pool": "multi"},
+                               "text_encoder": "tiny-text", "image_tune_stages": k, "head": "linear",
+                               "freeze_image": True}, pretrained=False).eval()  # fmt: skip
+    n_whole = sum(p.numel() for p in whole.parameters())
+    n_split = sum(p.numel() for p in m.image_encoder.parameters()) + sum(p.numel() for p in m.image_top.parameters())
+    assert n_split == n_whole
+    state = whole.state_dict()
+    m.image_encoder.load_state_dict({k2: v for k2, v in state.items() if k2 in m.image_encoder.state_dict()})
+    top_keys = m.image_top.state_dict().keys()
+    assert len(top_keys) + len(m.image_encoder.state_dict()) == len(state)
+    m.image_top.load_state_dict(dict(zip(top_keys, [state[k2] for k2 in state if k2 not in m.image_encoder.state_dict()],
+                                         strict=True)))  # fmt: skip
+    x = torch.randn(2, 3, 224, 224)
+    feats = m.image_features(x)
+    assert feats["map"].shape[1] == (320, 192, 112)[k - 1]
+    with torch.no_grad():
+        torch.testing.assert_close(m.image_top(feats), whole(x).pooled, atol=1e-5, rtol=1e-5)
+    assert m.image_cache_identity() == {"image_tune_stages": k} and m.cache_dtype == torch.float16
+    assert m.text_cache_dtype == torch.float32  # the text cache is the untuned runs' one
+    assert {id(p) for p in m.image_top.parameters()} <= {id(p) for p in m.param_groups()["backbone"]}
+    assert all(p.requires_grad for p in m.image_top.parameters())
+    assert not any(p.requires_grad for p in m.image_encoder.parameters())
+
+
+def test_bad_image_tune_settings() -> None:
+    for k, spec, needle in ((4, "efficientnet-lite0", "within 1..3"), (1, "tiny-cnn", "efficientnet-lite0")):
+        with pytest.raises(ConfigError, match=needle) as err:
+            create_method("dual", {"image_encoder": spec, "text_encoder": "tiny-text", "image_tune_stages": k},
+                          pretrained=False)  # fmt: skip
+        assert "\n" not in str(err.value)

