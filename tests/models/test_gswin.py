@@ -300,3 +300,37 @@ def test_attention_maps_of_the_last_block() -> None:
     assert not last.keep_attention and last.last_attention is None  # switched back off
     with torch.no_grad():
         assert torch.equal(enc(x).pooled, before)  # the normal path is unaffected
+
+
+# --- Gswin on a frozen CNN map (CMPAGL's CPU mode) -------------------------------------------------------------
+
+
+def test_gswin_on_map_stages_and_outputs() -> None:
+    from rsitr.models.encoders.gswin import GswinOnMap
+
+    torch.manual_seed(0)
+    m = GswinOnMap(112, 14, embed_dim=16, num_heads=(2, 4), window=7).eval()  # EfficientNet-Lite0's map
+    blocks = [stage.blocks[0] for stage in m.layers]
+    assert [len(b.gwg.layers) for b in blocks] == [1, 0]  # N_GWG: 14 → 7 in one layer; 7 is one window
+    assert m.layers[0].downsample is None and m.layers[1].downsample is not None  # 14×14 → 7×7
+    x = torch.randn(2, 112, 14, 14).half()  # as cached
+    out = m(x)
+    assert out.tokens.shape == (2, 49, 32) and out.pooled.dtype == torch.float32
+    assert torch.equal(out.pooled, out.tokens[:, 0])  # Eq. 3: the first token
+    assert [tuple(f.shape) for f in out.maps] == [(2, 16, 14, 14), (2, 32, 7, 7)]
+    maps = m.attention_maps(x)
+    assert maps.shape == (2, 7, 7) and maps.min() >= 0 and maps.max() <= 1
+    vit = GswinOnMap(112, 14, embed_dim=16, num_heads=(2, 4), global_attention=True,
+                     no_global_window=True, no_shifted_window=True)  # fmt: skip
+    assert [stage.blocks[0].window for stage in vit.layers] == [14, 7]  # one window: global attention
+    assert vit(x).tokens.shape == (2, 49, 32)
+
+
+def test_gswin_on_map_bad_options_raise_one_line_config_errors() -> None:
+    from rsitr.models.encoders.gswin import GswinOnMap
+
+    with pytest.raises(ConfigError, match="stage 2 width 32 is not divisible by num_heads=3") as err:
+        GswinOnMap(112, 14, embed_dim=16, num_heads=(2, 3))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="need one positive entry per stage"):
+        GswinOnMap(112, 14, depths=(1, 1), num_heads=(3,))

@@ -136,3 +136,20 @@ def test_bad_image_tune_settings() -> None:
             create_method("dual", {"image_encoder": spec, "text_encoder": "tiny-text", "image_tune_stages": k},
                           pretrained=False)  # fmt: skip
         assert "\n" not in str(err.value)
+
+
+def test_text_multi_pool_concatenates_every_layers_masked_mean(tiny_bert_spec: str) -> None:
+    from transformers import BertModel
+
+    enc = create_text_encoder(tiny_bert_spec, pool="multi").eval()
+    tok = enc.tokenize(CAPTIONS)
+    ref = BertModel.from_pretrained(tiny_bert_spec[3:]).eval()
+    with torch.no_grad():
+        states = ref(**tok, output_hidden_states=True).hidden_states[1:]
+        got = enc(**tok).pooled
+    m = tok["attention_mask"].unsqueeze(-1).float()
+    want = torch.cat([(h * m).sum(1) / m.sum(1) for h in states], dim=-1)
+    assert enc.num_features == 4 * 32 == got.shape[1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="not 'multi'"):
+        _dual(tiny_bert_spec, 1, text_encoder_kwargs={"pool": "multi"})

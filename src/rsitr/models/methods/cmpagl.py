@@ -180,7 +180,7 @@ class CMPAGLConfig:
     def resolve(cls, values: dict[str, Any]) -> dict[str, Any]:
         """Merge ``values`` over its ``preset``'s settings; the preset's Gswin switches are merged
         into ``image_encoder_kwargs``, or into ``gswin_kwargs`` with ``gswin_on_map``."""
-        merged = merge_preset(values, PRESETS)
+        merged = dict(merge_preset(values, PRESETS))
         preset = values.get("preset") or ""
         on_map = values.get("gswin_on_map") is True
         switches = {**PRESETS.get(preset, {}).get("image_encoder_kwargs", {})}
@@ -977,8 +977,8 @@ class CMPAGL(RetrievalMethod):
     def _towers(self) -> list[nn.Module]:
         """The modules retrieval runs: the towers (with the Gswin on the map and the tuned text
         layers) and the projections."""
-        mods = [self.image_encoder, self.gswin, self.text_encoder, self.text_top, self.image_proj, self.text_proj]
-        return [m for m in mods if m is not None]
+        mods = (self.image_encoder, self.gswin, self.text_encoder, self.text_top)
+        return [m for m in (*mods, self.image_proj, self.text_proj) if m is not None]
 
     def parameter_counts(self) -> dict[str, int]:
         """Table VIII's counts: ``inference`` (the towers and projections that retrieval runs),

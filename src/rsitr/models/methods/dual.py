@@ -251,6 +251,8 @@ def split_top_layers(encoder: TextEncoder, k: int) -> nn.ModuleList:
     """
     if not hasattr(encoder, "layers") or not hasattr(encoder, "model"):
         raise ConfigError(f"model.text_tune_layers needs a BERT-like text tower (minilm-l6, hf:), not {encoder.name}")
+    if getattr(encoder, "pool", None) == "multi":
+        raise ConfigError("model.text_tune_layers needs the text tower's pool 'mean' or 'cls', not 'multi'")
     layers = encoder.layers  # type: ignore[attr-defined]
     n = len(layers)
     if not 1 <= k < n:
