@@ -21,6 +21,9 @@ are masked and padded positions are cropped after the block. The ablation switch
 F_GL = GLW-CA(F_L, F_W), z = F_L + F_GL). ``pool`` is ``first`` (the paper's "0-th token",
 Eq. 3) or ``mean``. Weights are random unless a Swin checkpoint is given: the paper trains Gswin
 on the retrieval data (CPU training from scratch is slow; see the method's notes).
+
+:class:`GswinOnMap` runs the same stages on a frozen CNN's feature map instead of on pixels (no
+patch embedding; CMPAGL's ``gswin_on_map``, which caches the map and trains only the stages).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -497,7 +501,7 @@ def build_stages(
                 rates[k + j],
                 global_window=not no_global_window,
                 shifted_window=not no_shifted_window,
-            )  # fmt: skip
+            )
             for j in range(depth)
         ]
         k += depth
@@ -506,7 +510,7 @@ def build_stages(
 
 
 @torch.no_grad()
-def last_block_attention(layers: nn.ModuleList, run: Any) -> Tensor:
+def last_block_attention(layers: nn.ModuleList, run: Callable[[], list[Tensor]]) -> Tensor:
     """Attention of the last Gswin block's LW-MSA (Fig. 7): (B, h', w') maps in [0, 1].
 
     ``run()`` runs the stages and returns their output maps (NCHW, the last one (B, C, h', w')).

@@ -143,8 +143,9 @@ class CMPAGLConfig:
         fusion_pairs: ITM and MLM on the first n pairs of each micro-batch only (the batch order
             is random; hard negatives are still drawn from the whole batch): an unbiased estimate
             of Eq. 20–21 at n/B of the multimodal encoder's cost; 0: every pair (the paper).
-        bf16: run the trainable encoders (Gswin on the map, tuned text layers, multimodal encoder
-            and heads) under bfloat16 autocast, on CPU too; projections and losses stay float32.
+        bf16: train the trainable encoders (Gswin on the map, tuned text layers, multimodal
+            encoder) under bfloat16 autocast, on CPU too (AVX512-BF16 / AMX); the weights,
+            projections, heads and losses stay float32, and evaluation runs in float32.
     """
 
     preset: str | None = None
@@ -679,8 +680,9 @@ class CMPAGL(RetrievalMethod):
             self.momentum = MeanTeacher(self, exclude=other)
 
     def _autocast(self) -> AbstractContextManager[Any]:
-        """bfloat16 autocast of the trainable encoders when ``bf16`` is set."""
-        if not self.cfg.bf16:
+        """bfloat16 autocast of the trainable encoders in training when ``bf16`` is set (the
+        weights stay float32; evaluation embeds in float32)."""
+        if not (self.cfg.bf16 and self.training):
             return nullcontext()
         return torch.autocast(self.text_proj.weight.device.type, dtype=torch.bfloat16)
 
@@ -910,9 +912,7 @@ class CMPAGL(RetrievalMethod):
         txts, txt_idx = txt_idx.unique(return_inverse=True)
         pair = self.fused_pair(img_tok[imgs], txt_tok[txts], txt_mask[txts], img_idx, txt_idx)
         assert self.itm_head is not None
-        with self._autocast():
-            logits = self.itm_head(pair)
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(self.itm_head(pair), labels)
 
     def mlm_loss(self, img_feats: Features, txt_feats: Features) -> Tensor:
         """L_MLM (Eq. 20): −(1/B) Σᵢ Σ_t [m_t = 1] log P(w_t | masked caption, image), predicted from
@@ -1053,7 +1053,7 @@ class CMPAGL(RetrievalMethod):
                 _, img_tok = self.image_states({n: v[i].to(dev) for n, v in image_feats.items()})
                 _, txt_tok, txt_mask = self.text_states({n: v[t].to(dev) for n, v in text_feats.items()})
                 pair = self.fused_pair(img_tok, txt_tok, txt_mask, i_of.to(dev), t_of.to(dev))
-                probs.append(self.itm_head(pair).float().softmax(-1)[:, 1].to(s.device, s.dtype))
+                probs.append(self.itm_head(pair).softmax(-1)[:, 1].to(s.device, s.dtype))
             out = s - 1e3
             if probs:
                 out[q, c] = torch.cat(probs)
