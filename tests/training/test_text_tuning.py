@@ -25,9 +25,11 @@ def test_trainer_fine_tunes_from_the_cache(tiny_synth: Path, tiny_bert_spec: str
     after = load_method(Path(summary["checkpoint"]))
     layers = create_text_encoder(tiny_bert_spec).layers  # the pretrained tower, unsplit
     for i, layer in enumerate(after.text_encoder.layers):  # the prefix: untouched
-        assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), layers[i].state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(layer.state_dict().values(), layers[i].state_dict().values(), strict=True)
+        )
     moved = [not torch.equal(a, b) for a, b in zip(after.text_top[0].state_dict().values(),
-                                                    layers[3].state_dict().values())]  # fmt: skip
+                                                    layers[3].state_dict().values(), strict=True)]  # fmt: skip
     assert any(moved)
     cached = trainer.validate()
     trainer.method = after

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from rsitr.errors import ConfigError
 from rsitr.models.adapters.bottleneck import AdapterContext, BottleneckAdapter, GatedInsertion
 from rsitr.models.encoders.base import Encoder, masked_mean
+from rsitr.models.encoders.hf_text import additive_mask
 
 Features = dict[str, Tensor]
 #: ``make_adapter(layer, dim, from_end)``: the adapter for 1-based block ``layer`` of width
@@ -225,14 +226,11 @@ class BertTower(AdaptedTower):
     def insertion_point(self, block: nn.Module) -> tuple[nn.Module, str, int]:
         return block.output, "dense", self.encoder.model.config.hidden_size
 
-    @staticmethod
-    def _ext(mask: Tensor, dtype: torch.dtype) -> Tensor:
-        return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
     def prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
         model = self.encoder.model
         h = model.embeddings(input_ids=input_ids)
-        ext = self._ext(attention_mask, h.dtype)
+        ext = additive_mask(attention_mask, h.dtype)
         layers = self.blocks()
         for layer in layers[: self.first]:
             h = layer(h, attention_mask=ext)
@@ -248,7 +246,7 @@ class BertTower(AdaptedTower):
         layers = self.blocks()
         out = layers[self.first].output
         h = out.LayerNorm(out.dropout(self._adapt_first(feats)) + feats["resid"])
-        ext = self._ext(mask, h.dtype)
+        ext = additive_mask(mask, h.dtype)
         for layer in layers[self.first + 1 :]:
             h = layer(h, attention_mask=ext)
             h = h[0] if isinstance(h, tuple) else h

@@ -30,7 +30,13 @@ from rsitr.models.encoders._weights import (
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
 
-__all__ = ["EfficientNetLite0Encoder", "Lite0Top", "load_lite0_weights", "split_lite0_top", "wheel_weights_path"]
+__all__ = [
+    "EfficientNetLite0Encoder",
+    "Lite0Top",
+    "load_lite0_weights",
+    "split_lite0_top",
+    "wheel_weights_path",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -207,7 +213,9 @@ class Lite0Top(nn.Module):
     encoder would compute it.
     """
 
-    def __init__(self, stages: list[nn.Module], conv_head: nn.Module, bn2: nn.Module, pool: str, precision: str):
+    def __init__(
+        self, stages: list[nn.Module], conv_head: nn.Module, bn2: nn.Module, pool: str, precision: str
+    ):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.conv_head, self.bn2 = conv_head, bn2
@@ -238,7 +246,9 @@ def split_lite0_top(encoder: ImageEncoder, k: int) -> Lite0Top:
     if not isinstance(encoder, EfficientNetLite0Encoder):
         raise ConfigError(f"model.image_tune_stages needs the efficientnet-lite0 tower, not {encoder.name}")
     if not 1 <= k <= 3:
-        raise ConfigError(f"model.image_tune_stages: {k} is not within 1..3 (the head, then the last 2 stages)")
+        raise ConfigError(
+            f"model.image_tune_stages: {k} is not within 1..3 (the head, then the last 2 stages)"
+        )
     m = encoder.model
     n = len(m.blocks)
     moved = [m.blocks[i] for i in range(n - (k - 1), n)]

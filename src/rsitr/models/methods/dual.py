@@ -23,6 +23,7 @@ from rsitr.losses.contrastive import LearnableTemperature, batch_positives, mult
 from rsitr.losses.triplet import hinge_triplet
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
 from rsitr.models.encoders.efficientnet import Lite0Top, split_lite0_top
+from rsitr.models.encoders.hf_text import additive_mask
 from rsitr.models.methods.base import Features, RetrievalMethod
 from rsitr.models.registry import register_method
 
@@ -199,7 +200,7 @@ class DualEncoder(RetrievalMethod):
         assert self.text_top is not None
         n = max(1, int(mask.sum(1).max()))
         h, mask = tokens[:, :n].float(), mask[:, :n]
-        ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        ext = additive_mask(mask, torch.float32)
         with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.cfg.tune_autocast):
             for layer in self.text_top:
                 h = layer(h, attention_mask=ext)
@@ -250,16 +251,17 @@ def split_top_layers(encoder: TextEncoder, k: int) -> nn.ModuleList:
         ConfigError: the encoder has no layer list, or ``k`` is not within 1..layers - 1.
     """
     if not hasattr(encoder, "layers") or not hasattr(encoder, "model"):
-        raise ConfigError(f"model.text_tune_layers needs a BERT-like text tower (minilm-l6, hf:), not {encoder.name}")
+        raise ConfigError(
+            f"model.text_tune_layers needs a BERT-like text tower (minilm-l6, hf:), not {encoder.name}"
+        )
     if getattr(encoder, "pool", None) == "multi":
         raise ConfigError("model.text_tune_layers needs the text tower's pool 'mean' or 'cls', not 'multi'")
-    layers = encoder.layers  # type: ignore[attr-defined]
-    n = len(layers)
+    n = len(encoder.layers)  # type: ignore[attr-defined]
     if not 1 <= k < n:
-        raise ConfigError(f"model.text_tune_layers: {k} is not within 1..{n - 1} for {encoder.name} ({n} layers)")
-    top = nn.ModuleList(layers[n - k :])
-    encoder.model.encoder.layer = nn.ModuleList(layers[: n - k])  # type: ignore[attr-defined]
-    encoder.model.config.num_hidden_layers = n - k  # type: ignore[attr-defined]
+        raise ConfigError(
+            f"model.text_tune_layers: {k} is not within 1..{n - 1} for {encoder.name} ({n} layers)"
+        )
+    top = nn.ModuleList(encoder.truncate(n - k))  # type: ignore[attr-defined]
     top.requires_grad_(True)
     return top
 
