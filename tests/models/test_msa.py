@@ -187,6 +187,10 @@ def test_weights_and_align_scales() -> None:
         ({"embed_dim": 10, "num_heads": 8}, "model.embed_dim"),
         ({"alpha": -1}, "model.alpha"),
         ({"mu": 0}, "model.mu"),
+        ({"loss": "hinge"}, "model.loss"),
+        ({"head": "deep"}, "model.head"),
+        ({"mscmat_batch": -1}, "model.mscmat_batch"),
+        ({"dropout": 1.0}, "model.dropout"),
     ],
 )
 def test_config_errors(values: dict, match: str) -> None:
@@ -263,3 +267,38 @@ def test_input_norm_standardises_each_scale_before_its_projection() -> None:
     assert isinstance(m.scale_proj[0][0], torch.nn.BatchNorm1d)
     assert isinstance(_method(preset="base", input_norm="batchnorm").global_proj[0], torch.nn.BatchNorm1d)
     assert isinstance(_method(preset="base+m").scale_proj[0], torch.nn.Linear)  # none: the paper's L^i
+
+
+def test_strong_base_mlp_heads_and_infonce() -> None:
+    method = _method(preset="msa", head="mlp", head_hidden=8, loss="infonce", text_input_norm="batchnorm")
+    assert all(isinstance(p, torch.nn.Sequential) for p in [*method.scale_proj, method.text_proj])
+    assert isinstance(method.text_proj[0], torch.nn.BatchNorm1d)
+    terms = method.train()(_batch(method))
+    assert {k for k in terms if k.endswith("_loss")} == {"infonce_loss", "mscma_loss", "csmmc_loss"}
+    assert "logit_scale" in terms
+    both = _method(preset="base", loss="both").train()(_batch(method))
+    assert {k for k in both if k.endswith("_loss")} == {"infonce_loss", "triplet_loss"}
+    assert _method(preset="base").logit_scale is None  # the paper's L_tri alone
+
+
+def test_mscmat_batch_scores_the_first_k_pairs_only() -> None:
+    full = _method(mscmat_batch=2).train()
+    sub = _method().train()  # same seed: same weights
+    batch = _batch(full)
+    first = {k: v[:2] for k, v in batch.items()}
+    a, b = full(batch), sub(first)
+    assert torch.allclose(a["mscma"], b["mscma"], atol=1e-5)
+    assert torch.allclose(a["csmmc"], b["csmmc"], atol=1e-5)
+    assert not torch.allclose(a["mscma"], sub(batch)["mscma"], atol=1e-3)
+
+
+def test_multi_tap_tower_base_uses_it_and_top_scale_is_the_head() -> None:
+    kw = {"image_encoder": "efficientnet-lite0", "image_encoder_kwargs": {"pool": "multi"}}
+    base, ms = _method(preset="base", **kw), _method(preset="base+m", **kw)
+    assert base.global_proj.in_features == 2048
+    assert ms.scale_proj[-1].in_features == 1280
+    with torch.no_grad():
+        feats = ms.eval().image_features(torch.randn(2, 3, 64, 64))
+    assert feats["pooled"].shape == (2, 2048)
+    assert torch.allclose(feats["head"], feats["pooled"][:, -1280:], atol=1e-5)
+    assert torch.equal(ms.scale_features(feats)[-1], ms.scale_proj[-1](feats["head"]))

@@ -24,6 +24,12 @@ preset                    image       α (MSCMA)   β (CSMMC)    paper row
 MSCMAT variants of Table VIII are ``mscmat: self`` and ``mscmat: no-cls``; Table IX's layer
 subsets are ``align_scales``.
 
+On a strong base (``head: mlp``, ``loss: infonce``, the image tower's ``pool: multi`` for
+``base``): the same rows, with every projection (Lⁱ, Lᵍ, the text's) an MLP head, symmetric
+multi-positive InfoNCE for the retrieval loss in place of (or beside) L_tri, and, for ``base``,
+the standardised multi-tap feature that ``dual`` uses. ``mscmat_batch`` scores MSCMAT on the first
+k images × k captions of a batch only (its cost grows with B²).
+
 Where the reference code (yr666666/MSA) departs from the paper, the paper is the default and
 the code's choice a switch: ``attention: softmax`` (code: softmax attention inside
 ``nn.MultiheadAttention``; paper Eq. 12: sigmoid), ``score: reference`` (code:
@@ -44,7 +50,7 @@ from torch import Tensor, nn
 
 from rsitr.errors import ConfigError
 from rsitr.losses.consistency import score_distribution_kl
-from rsitr.losses.contrastive import batch_positives, multi_positive_infonce
+from rsitr.losses.contrastive import LearnableTemperature, batch_positives, multi_positive_infonce
 from rsitr.losses.triplet import hinge_triplet
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder
 from rsitr.models.methods.base import Features, RetrievalMethod
@@ -112,6 +118,19 @@ class MSAConfig:
         negatives: triplet negatives, ``hardest`` (max-violation, as the code) or ``all`` (sum).
         triplet_reduction: L_tri over the batch: ``sum`` (as the code, which keeps it on the
             scale of α·L_MSCMA) or ``mean``.
+        head: every projection (Lⁱ, Lᵍ, the text's t^cls′) is ``linear`` (the paper) or a 2-layer
+            ``mlp`` (Linear–GELU–Dropout–Linear, as ``dual``).
+        head_hidden: hidden width of the MLP heads.
+        dropout: dropout on the MLP heads' hidden layer.
+        input_dropout: dropout on every projection's input features.
+        text_input_norm: ``batchnorm`` standardises t^cls per dimension before its projection
+            (``dual``'s ``input_norm`` applies to both towers); ``none`` (the paper).
+        loss: the retrieval loss on v″ and t^cls′: ``triplet`` (L_tri, Eq. 7), ``infonce``
+            (symmetric multi-positive InfoNCE with a learnable temperature, ``dual``'s) or
+            ``both``.
+        temperature: initial InfoNCE temperature.
+        mscmat_batch: MSCMAT and its losses see the first k images and k captions of each batch
+            (a k × k block of pairs); 0 scores the whole B × B batch (the paper).
     """
 
     image_encoder: str = "efficientnet-lite0"
@@ -138,6 +157,14 @@ class MSAConfig:
     margin: float = 0.2
     negatives: Literal["hardest", "all"] = "hardest"
     triplet_reduction: Literal["sum", "mean"] = "sum"
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = 1024
+    dropout: float = 0.0
+    input_dropout: float = 0.0
+    text_input_norm: Literal["none", "batchnorm"] = "none"
+    loss: Literal["triplet", "infonce", "both"] = "triplet"
+    temperature: float = 0.07
+    mscmat_batch: int = 0
 
     def __post_init__(self) -> None:
         _choice("preset", self.preset, tuple(PRESETS))
@@ -150,6 +177,19 @@ class MSAConfig:
         _choice("csmmc_axis", self.csmmc_axis, ("row", "column"))
         _choice("negatives", self.negatives, ("hardest", "all"))
         _choice("triplet_reduction", self.triplet_reduction, ("sum", "mean"))
+        _choice("head", self.head, ("linear", "mlp"))
+        _choice("text_input_norm", self.text_input_norm, ("none", "batchnorm"))
+        _choice("loss", self.loss, ("triplet", "infonce", "both"))
+        for name in ("dropout", "input_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.mscmat_batch < 0 or self.head_hidden < 1:
+            raise ConfigError(
+                f"model.mscmat_batch must be >= 0 (got {self.mscmat_batch}) and model.head_hidden "
+                f">= 1 (got {self.head_hidden})"
+            )
+        if not 0 < self.temperature < 1:
+            raise ConfigError(f"model.temperature must lie in (0, 1), got {self.temperature}")
         for name in ("alpha", "beta"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -311,8 +351,11 @@ class MSA(RetrievalMethod):
     def __init__(self, cfg: MSAConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__(cfg, image_encoder, text_encoder)
         chs = [f["num_chs"] for f in image_encoder.feature_info]
+        # With the tower's ``pool: multi``, ``pooled`` is the multi-tap vector (``base``'s feature)
+        # and vⁿ is the head feature alone (``head``: the token map's average, token_dim wide).
+        self.multi_tap = getattr(image_encoder, "pool", None) == "multi"
         if cfg.top_scale == "head":  # vⁿ is the global final feature (ResNet: C5 average-pooled)
-            chs[-1] = image_encoder.num_features
+            chs[-1] = image_encoder.token_dim if self.multi_tap else image_encoder.num_features
         self.num_scales = n = len(chs)
         if max(cfg.align_scales) > n:
             raise ConfigError(
@@ -327,22 +370,23 @@ class MSA(RetrievalMethod):
         ]
         self.scale_keys = [f"{kind}{i}" for i, kind in enumerate(self.pools)]
         if cfg.top_scale == "head":
-            self.scale_keys[-1] = "pooled"
+            self.scale_keys[-1] = "head" if self.multi_tap else "pooled"
         norm = cfg.input_norm
+        head = (cfg.head, cfg.head_hidden, cfg.dropout, cfg.input_dropout)
         needs_mscmat = self.alpha > 0 or self.beta > 0
         multiscale = cfg.image_mode == "multiscale"
         # Only the layers this preset uses are built (an unused trainable layer breaks DDP):
         # ``base`` has no Lⁱ or fusion, and MSCMAT's token projection exists only with α or β > 0.
         self.scale_proj = nn.ModuleList(
-            projection_head(c, d, "linear", 0, 0.0, input_norm=norm) for c in chs
+            projection_head(c, d, *head, input_norm=norm) for c in chs
         ) if (multiscale or needs_mscmat) else nn.ModuleList()  # Lⁱ, Eq. 2  # fmt: skip
         self.fusion_gate = nn.Linear(d, d) if multiscale else None  # L^ms, Eq. 6
         self.global_proj = (
-            projection_head(image_encoder.num_features, d, "linear", 0, 0.0, input_norm=norm)
-            if not multiscale
-            else None
+            projection_head(image_encoder.num_features, d, *head, input_norm=norm) if not multiscale else None
         )
-        self.text_proj = nn.Linear(text_encoder.num_features, d)  # t^cls′
+        # t^cls′ (the paper: a linear layer)
+        self.text_proj = projection_head(text_encoder.num_features, d, *head, input_norm=cfg.text_input_norm)
+        self.logit_scale = LearnableTemperature(cfg.temperature) if cfg.loss != "triplet" else None
         self.token_proj = nn.Linear(text_encoder.token_dim, d) if needs_mscmat else None  # t^local′
         self.mscmat = nn.ModuleDict(
             {
@@ -353,9 +397,12 @@ class MSA(RetrievalMethod):
 
     # --- frozen part: config-independent, so one feature cache serves every preset ---------------
     def image_features(self, images: Tensor) -> Features:
-        """``pooled`` head feature plus ``max{i}``/``avg{i}`` pooled taps for every scale i."""
+        """``pooled`` feature (the multi-tap vector with ``pool: multi``, whose ``head`` is then
+        the head feature alone) plus ``max{i}``/``avg{i}`` pooled taps for every scale i."""
         out = self.image_encoder(images)
         feats = {"pooled": out.pooled}
+        if self.multi_tap:
+            feats["head"] = out.tokens.mean(1)
         for i, fmap in enumerate(out.maps):
             feats[f"max{i}"] = pool_scale(fmap, "max")
             feats[f"avg{i}"] = pool_scale(fmap, "avg")
@@ -405,20 +452,36 @@ class MSA(RetrievalMethod):
 
     # --- losses -------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """L_total = L_tri + α·L_MSCMA + β·L_CSMMC (Eq. 8), as weighted ``*_loss`` terms.
+        """L_total = L_tri + α·L_MSCMA + β·L_CSMMC (Eq. 8), as weighted ``*_loss`` terms
+        (``loss: infonce``/``both``: InfoNCE in place of / beside L_tri).
 
-        MSCMAT runs only in training mode and only when α or β is non-zero. The unweighted terms
-        are logged as ``mscma``/``csmmc``.
+        MSCMAT runs only in training mode and only when α or β is non-zero, on the first
+        ``mscmat_batch`` pairs when set. The unweighted terms are logged as ``mscma``/``csmmc``.
         """
+        c = self.cfg
         img_feats, txt_feats = self._image_feats(batch), self._text_feats(batch)
         img, scales = self._embed_image(img_feats)
         cls = self.embed_text(txt_feats)
         g = self.gather
         img_n, txt_n = g(F.normalize(img, dim=-1)), g(F.normalize(cls, dim=-1))
         pos = batch_positives(batch, g)
-        tri = hinge_triplet(img_n @ txt_n.T, pos, self.cfg.margin, self.cfg.negatives)  # batch mean
-        out = {"triplet_loss": tri * len(img_n) if self.cfg.triplet_reduction == "sum" else tri}
+        sims = img_n @ txt_n.T
+        out: dict[str, Tensor] = {}
+        if c.loss in ("triplet", "both"):
+            tri = hinge_triplet(sims, pos, c.margin, c.negatives)  # batch mean
+            out["triplet_loss"] = tri * len(img_n) if c.triplet_reduction == "sum" else tri
+        if self.logit_scale is not None:
+            scale = self.logit_scale()
+            out["infonce_loss"] = multi_positive_infonce(sims * scale, pos)
+            out["logit_scale"] = scale.detach()
         if self.training and len(self.mscmat):
+            k = c.mscmat_batch
+            if k and k < len(img):  # the first k images × k captions
+                scales, cls = [s[:k] for s in scales], cls[:k]
+                txt_feats = {key: v[:k] for key, v in txt_feats.items()}
+                pos = batch_positives(
+                    {key: batch[key][:k] for key in ("image_id", "text_id") if key in batch}, g
+                )
             m = self.scale_scores(scales, txt_feats, cls)
             out.update(self.alignment_losses(m, pos))
         return out
