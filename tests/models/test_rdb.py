@@ -139,6 +139,24 @@ def test_fresh_adapters_reproduce_frozen_offline_embeddings() -> None:
         )
 
 
+def test_bf16_tower_follows_the_encoder_precision() -> None:
+    torch.manual_seed(0)
+    m = _offline_rdb(image_encoder_kwargs={"pool": "multi", "precision": "bf16"}).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        feats = m.image_tower.prefix(x)
+        assert all(v.dtype == torch.float32 for v in feats.values())
+        out = m.image_tower.suffix(feats)
+        ref = m.image_encoder(x).pooled  # the encoder's own bf16 forward
+    assert out.dtype == torch.float32
+    assert (out - ref).norm() / ref.norm() < 0.05
+    with torch.no_grad():
+        m.image_encoder.precision = "fp32"
+        exact = m.image_tower.suffix(m.image_tower.prefix(x))
+    assert not torch.equal(out, exact)  # bf16 did run
+    assert (out - exact).norm() / exact.norm() < 0.05
+
+
 def test_fresh_adapters_reproduce_frozen_clip_embeddings(tiny_clip: str) -> None:
     m = _clip_rdb(tiny_clip).eval()
     model = open_clip.CLIP(**_VIT).eval()  # the frozen model, rebuilt from the saved weights

@@ -118,14 +118,21 @@ class GatedInsertion(nn.Module):
             return getattr(self._modules["inner"], name)
 
     def delta(self, y: Tensor) -> Tensor:
-        """``σ(g)·W_up z`` for tokens or maps ``y`` (zero while the context is ``off``)."""
+        """``σ(g)·W_up z`` for tokens or maps ``y`` (zero while the context is ``off``).
+
+        The adapter always runs in float32, outside any autocast around the frozen tower (its
+        attention in bfloat16 is slower on CPUs, and its small weights gain nothing from it); the
+        result comes back in ``y``'s dtype."""
         if self.ctx.off:
             return torch.zeros_like(y)
         a = torch.sigmoid(self.gate)
-        if self.layout == "nchw":
-            tokens = y.flatten(2).transpose(1, 2)
-            return (a * self.adapter(tokens, None)).transpose(1, 2).reshape(y.shape)
-        return a * self.adapter(y, self.ctx.mask)
+        with torch.autocast(y.device.type, enabled=False):
+            if self.layout == "nchw":
+                tokens = y.flatten(2).transpose(1, 2).float()
+                out = (a * self.adapter(tokens, None)).transpose(1, 2).reshape(y.shape)
+            else:
+                out = a * self.adapter(y.float(), self.ctx.mask)
+        return out.to(y.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.inner(x)

@@ -269,7 +269,18 @@ class EfficientNetTower(AdaptedTower):
     def _stage_of(self) -> list[int]:
         return [s for s, stage in enumerate(self.encoder.model.blocks) for _ in stage][1:]
 
+    def _autocast(self, device: torch.device) -> torch.autocast:
+        """bfloat16 autocast when the encoder's ``precision`` is ``bf16`` (the prefix and the
+        adapted suffix, adapters included; outputs are float32 again)."""
+        bf16 = getattr(self.encoder, "precision", "fp32") == "bf16"
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     def prefix(self, images: Tensor) -> Features:
+        with self._autocast(images.device):
+            out = self._prefix(images)
+        return {k: v.float() for k, v in out.items()}
+
+    def _prefix(self, images: Tensor) -> Features:
         m = self.encoder.model
         x = m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last)))
         x = m.blocks[0](x)
@@ -294,6 +305,10 @@ class EfficientNetTower(AdaptedTower):
         return out
 
     def _suffix(self, feats: Features) -> Tensor:
+        with self._autocast(feats["y"].device):
+            return self._adapted(feats).float()
+
+    def _adapted(self, feats: Features) -> Tensor:
         m = self.encoder.model
         self.ctx.mask = None
         stage_of, blocks = self._stage_of(), self.blocks()

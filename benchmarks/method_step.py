@@ -1,10 +1,15 @@
-"""Seconds per CMPAGL training step on CPU (forward + backward + optimiser step + momentum update).
+"""Seconds per training step of a method on CPU (forward + backward + optimiser step + the
+method's per-step update, e.g. CMPAGL's momentum encoders or RDB's mean teacher).
 
-Run: ``OMP_NUM_THREADS=2 python benchmarks/cmpagl_step.py [--threads 2] [--batch 64] [--steps 5]
-[--setups pixels,on-map] [key=value ...]`` (extra overrides apply to every setup).
+Run: ``OMP_NUM_THREADS=2 python benchmarks/method_step.py [--threads 2] [--batch 64] [--steps 5]
+[--config configs/cmpagl_rsicd_offline.yaml] [--setups pixels,on-map] [key=value ...]`` (extra
+overrides apply to every setup). Any other config: ``--config configs/rdb_rsicd_offline.yaml
+--setups config --batch 256``.
 
-Setups, both built from ``configs/cmpagl_rsicd_offline.yaml`` with random-init towers (speed does
-not depend on the weights):
+Setups, built from the config (default ``configs/cmpagl_rsicd_offline.yaml``) with random-init
+towers (speed does not depend on the weights):
+
+* ``config``: the config as given;
 
 * ``pixels``: the former recipe, Gswin-tiny trained from scratch on 128 px images and the MiniLM
   halves unfrozen, every pair through ITM/MLM (raw images and padding-trimmed token ids);
@@ -57,7 +62,9 @@ SETUPS: dict[str, tuple[list[str], str]] = {
         "gswin-tiny from scratch (128 px) + unfrozen MiniLM 3+3 (the former config)",
     ),
     "on-map": ([], "Gswin on the cached EfficientNet-Lite0 map, cached MiniLM half (2 frozen + 1 tuned)"),
+    "config": ([], "the config as given"),
 }
+NUM_CLASSES = 31  # RSICD's scene classes, for methods with a scene classifier (RDB's L_cls)
 
 
 def captions(n: int) -> list[str]:
@@ -78,15 +85,16 @@ def make_batch(method: Any, caps: list[str], cached: bool) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     images = torch.randn(b, 3, method.image_encoder.image_size, method.image_encoder.image_size, generator=g)
     ids = torch.arange(b)
+    labels = {"scene": ids % NUM_CLASSES}
     if not cached:
         tok = trim_padding(method.tokenize(caps))
-        return {"image": images, **tok, "image_id": ids}
+        return {"image": images, **tok, "image_id": ids, **labels}
     with torch.no_grad():
         method.eval()
         img = {k: _storage(method, v) for k, v in method.image_features(images).items()}
         txt = text_features(method, caps)
         method.train()
-    return {"image_feats": img, "text_feats": txt, "image_id": ids}
+    return {"image_feats": img, "text_feats": txt, "image_id": ids, **labels}
 
 
 def step_seconds(method: Any, batch: dict[str, Any], steps: int) -> list[tuple[float, float]]:
@@ -108,10 +116,12 @@ def step_seconds(method: Any, batch: dict[str, Any], steps: int) -> list[tuple[f
     return times
 
 
-def build(overrides: list[str], extra: list[str]) -> tuple[Any, bool]:
-    cfg = load_config(CONFIG, overrides + extra)
+def build(config: Path, overrides: list[str], extra: list[str]) -> tuple[Any, bool]:
+    cfg = load_config(config, overrides + extra)
     model = dict(cfg.model)
     model.pop("positives", None)  # read by the trainer, not the method
+    if cfg.method == "rdb":
+        model["num_classes"] = NUM_CLASSES
     torch.manual_seed(0)
     method = create_method(cfg.method, model, pretrained=False)
     cached = cfg.cache.enabled == "on" or (cfg.cache.enabled == "auto" and method.cacheable)
@@ -123,6 +133,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, of {', '.join(SETUPS)}")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides for every setup")
     args = ap.parse_args()
@@ -135,7 +146,7 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---:|")
     for name in args.setups.split(","):
         overrides, desc = SETUPS[name.strip()]
-        method, cached = build(overrides, args.overrides)
+        method, cached = build(args.config, overrides, args.overrides)
         batch = make_batch(method, caps, cached)
         times = step_seconds(method, batch, args.steps)
         s, cpu = statistics.median(t for t, _ in times), statistics.median(c for _, c in times)
