@@ -745,8 +745,9 @@ class CMPAGL(RetrievalMethod):
         return {} if self.gswin is None else {"map_index": self.cfg.map_index}
 
     def text_cache_identity(self) -> dict[str, Any]:
-        tuned = {"text_tune_layers": self.cfg.text_tune_layers} if self.text_top is not None else {}
-        return {"text_layers": self.num_text_layers, "text_pool": self.cfg.text_pool, **tuned}
+        if self.text_top is not None:  # the pooling runs after the tuned layers, not in the cache
+            return {"text_layers": self.num_text_layers, "text_tune_layers": self.cfg.text_tune_layers}
+        return {"text_layers": self.num_text_layers, "text_pool": self.cfg.text_pool}
 
     # --- training ---------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
