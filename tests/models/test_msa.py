@@ -167,6 +167,10 @@ def test_presets(preset: str, keys: set[str], has_mscmat: bool) -> None:
 def test_weights_and_align_scales() -> None:
     cfg = build_config("msa", {"preset": "msa"})
     assert (cfg.alpha_value, cfg.beta_value, cfg.image_mode) == (15.0, 10.0, "multiscale")
+    cfg = build_config("msa", {"preset": "msa", "weight_scale": 0.1})
+    assert (cfg.alpha_value, cfg.beta_value) == pytest.approx((1.5, 1.0))
+    cfg = build_config("msa", {"preset": "base", "weight_scale": 0.1, "beta": 2})
+    assert (cfg.alpha_value, cfg.beta_value) == (0.0, 2.0)  # an explicit weight is not scaled
     cfg = build_config("msa", {"preset": "base+m+a+b", "alpha": 4, "align_scales": [3, 1]})
     assert (cfg.alpha_value, cfg.beta_value, cfg.align_scales) == (4.0, 0.0, (1, 3))
     method = _method(align_scales=[2, 4], mscmat="self", attention="softmax", score="reference")
@@ -186,6 +190,7 @@ def test_weights_and_align_scales() -> None:
         ({"align_scales": [1, 1]}, "model.align_scales"),
         ({"embed_dim": 10, "num_heads": 8}, "model.embed_dim"),
         ({"alpha": -1}, "model.alpha"),
+        ({"weight_scale": -1}, "model.weight_scale"),
         ({"mu": 0}, "model.mu"),
         ({"loss": "hinge"}, "model.loss"),
         ({"head": "deep"}, "model.head"),

@@ -129,6 +129,9 @@ class MSAConfig:
             (symmetric multi-positive InfoNCE with a learnable temperature, ``dual``'s) or
             ``both``.
         temperature: initial InfoNCE temperature.
+        weight_scale: multiplies the preset's α and β (not explicit ones). The paper's 15 and 10
+            weigh a triplet summed over the batch; beside a batch-mean InfoNCE, about 1/30 of
+            them keeps the same balance.
         mscmat_batch: MSCMAT and its losses see the first k images and k captions of each batch
             (a k × k block of pairs); 0 scores the whole B × B batch (the paper).
     """
@@ -164,6 +167,7 @@ class MSAConfig:
     text_input_norm: Literal["none", "batchnorm"] = "none"
     loss: Literal["triplet", "infonce", "both"] = "triplet"
     temperature: float = 0.07
+    weight_scale: float = 1.0
     mscmat_batch: int = 0
 
     def __post_init__(self) -> None:
@@ -190,7 +194,7 @@ class MSAConfig:
             )
         if not 0 < self.temperature < 1:
             raise ConfigError(f"model.temperature must lie in (0, 1), got {self.temperature}")
-        for name in ("alpha", "beta"):
+        for name in ("alpha", "beta", "weight_scale"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"model.{name} must be >= 0 (or null for the preset's), got {v}")
@@ -223,13 +227,13 @@ class MSAConfig:
 
     @property
     def alpha_value(self) -> float:
-        """α in effect (the explicit value, else the preset's)."""
-        return PRESETS[self.preset][1] if self.alpha is None else float(self.alpha)
+        """α in effect (the explicit value, else the preset's × ``weight_scale``)."""
+        return PRESETS[self.preset][1] * self.weight_scale if self.alpha is None else float(self.alpha)
 
     @property
     def beta_value(self) -> float:
-        """β in effect (the explicit value, else the preset's)."""
-        return PRESETS[self.preset][2] if self.beta is None else float(self.beta)
+        """β in effect (the explicit value, else the preset's × ``weight_scale``)."""
+        return PRESETS[self.preset][2] * self.weight_scale if self.beta is None else float(self.beta)
 
 
 class MSCMAT(nn.Module):
