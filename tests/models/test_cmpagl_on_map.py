@@ -372,3 +372,27 @@ def test_bad_on_map_options_raise_one_line_errors(make, kw: dict, message: str) 
     with pytest.raises(ConfigError, match=message) as err:
         make(**kw)
     assert "\n" not in str(err.value)
+
+
+def test_global_head_adds_the_strong_base_branch_and_trains_with_the_momentum_copy(make) -> None:
+    m = make(global_head=True).eval()
+    feats = m.image_features(_images())
+    assert set(feats) == {"map", "pooled"}
+    assert m.image_cache_identity() == {"map_index": 2, "pooled": True}
+    assert make().image_cache_identity() == {"map_index": 2}
+    with torch.no_grad():
+        both = m.encode_image(feats=feats)
+        assert torch.allclose(both, m.encode_image(_images()), atol=1e-5)
+        gswin_only = m.image_proj(m.image_states(feats)[0])
+        assert not torch.allclose(both, F.normalize(gswin_only, dim=-1), atol=1e-3)  # it contributes
+        ref = F.normalize(gswin_only + m.global_head(feats["pooled"]), dim=-1)
+        assert torch.allclose(both, ref, atol=1e-5)
+    assert any(n.startswith("global_head.") for n in m.momentum.names)  # a momentum-encoder part
+    m.train()
+    before = [p.detach().clone() for p in m.global_head.parameters()]
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    _total(m(_cached_batch(m))).backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.global_head.parameters(), strict=True))
+    with pytest.raises(ConfigError, match="global_head"):
+        build_config("cmpagl", {"global_head": True})

@@ -77,6 +77,7 @@ from rsitr.models.ema import MeanTeacher
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
 from rsitr.models.encoders.gswin import GswinOnMap, attention
 from rsitr.models.methods.base import Features, RetrievalMethod, merge_preset
+from rsitr.models.methods.dual import projection_head
 from rsitr.models.registry import register_method
 
 _logger = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ ON_MAP_PRESETS: dict[str, dict[str, Any]] = {
     "baseline": {"global_attention": True, "no_global_window": True, "no_shifted_window": True},
 }
 #: the parts that have momentum copies of their trainable parameters (the rest is training-only)
-MOMENTUM_PARTS = ("image_encoder", "text_encoder", "gswin", "text_top", "image_proj", "text_proj")
+MOMENTUM_PARTS = (
+    "image_encoder", "text_encoder", "gswin", "text_top", "image_proj", "global_head", "text_proj"
+)
 IGNORE = -100  # MLM label of positions that are not predicted
 
 
@@ -143,6 +146,11 @@ class CMPAGLConfig:
         fusion_pairs: ITM and MLM on the first n pairs of each micro-batch only (the batch order
             is random; hard negatives are still drawn from the whole batch): an unbiased estimate
             of Eq. 20–21 at n/B of the multimodal encoder's cost; 0: every pair (the paper).
+        global_head: with ``gswin_on_map``, add the strong base's image branch to the image
+            embedding: ``dual``'s MLP head (standardised input, dropout 0.3, hidden 1024) on the
+            frozen tower's cached ``pooled`` vector (EfficientNet-Lite0 with ``pool: multi``: its
+            2,048-d multi-tap average), so F_i′ = W_i·F_i + MLP(BN(pooled)); it is part of the
+            momentum encoders. Off: the paper's W_i·F_i alone.
         bf16: train the trainable encoders (Gswin on the map, tuned text layers, multimodal
             encoder) under bfloat16 autocast, on CPU too (AVX512-BF16 / AMX); the weights,
             projections, heads and losses stay float32, and evaluation runs in float32.
@@ -175,6 +183,7 @@ class CMPAGLConfig:
     triplet_reduction: Literal["sum", "mean"] = "sum"
     mlm_probability: float = 0.15
     fusion_pairs: int = 0
+    global_head: bool = False
     bf16: bool = False
 
     @classmethod
@@ -226,6 +235,8 @@ class CMPAGLConfig:
             raise ConfigError(f"model.fusion_pairs must be >= 0 (0: every pair), got {self.fusion_pairs}")
         if self.gswin_kwargs and not self.gswin_on_map:
             raise ConfigError("model.gswin_kwargs needs model.gswin_on_map: true")
+        if self.global_head and not self.gswin_on_map:
+            raise ConfigError("model.global_head needs model.gswin_on_map: true")
         if self.map_index < 0:
             raise ConfigError(f"model.map_index must be >= 0, got {self.map_index}")
         if self.embed_dim < 1:
@@ -659,6 +670,11 @@ class CMPAGL(RetrievalMethod):
             if n_image:
                 self.image_fusion_in = nn.Sequential(nn.Linear(img_tok_dim, h), nn.LayerNorm(h))
         self.image_proj = nn.Linear(img_dim, cfg.embed_dim)
+        self.global_head = (
+            projection_head(image_encoder.num_features, cfg.embed_dim, "mlp", 1024, 0.3, 0.3, "batchnorm")
+            if cfg.global_head
+            else None
+        )
         self.text_proj = nn.Linear(h, cfg.embed_dim)
         self.logit_scale = LearnableTemperature(cfg.temperature)
         self.logit_scale.log_scale.requires_grad_(cfg.learn_temperature)
@@ -689,7 +705,8 @@ class CMPAGL(RetrievalMethod):
         ``gswin_on_map`` the tower's ``map`` (B, C_map, H, W) that Gswin runs on."""
         out = self.image_encoder(images)
         if self.gswin is not None:
-            return {"map": out.maps[self.cfg.map_index]}
+            pooled = {"pooled": out.pooled} if self.global_head is not None else {}
+            return {"map": out.maps[self.cfg.map_index], **pooled}
         return {"pooled": out.pooled, "tokens": out.tokens}
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
@@ -731,7 +748,14 @@ class CMPAGL(RetrievalMethod):
         return tokens[:, 0] if self.cfg.text_pool == "cls" else masked_mean(tokens, mask)
 
     def embed_image(self, feats: Features) -> Tensor:
-        return self.image_proj(self.image_states(feats)[0])
+        return self.project_image(self.image_states(feats)[0], feats)
+
+    def project_image(self, pooled: Tensor, feats: Features) -> Tensor:
+        """W_i·F_i, plus the strong base's MLP head on the frozen pooled vector (``global_head``)."""
+        out = self.image_proj(pooled)
+        if self.global_head is not None:
+            out = out + self.global_head(feats["pooled"].float())
+        return out
 
     def embed_text(self, feats: Features) -> Tensor:
         return self.text_proj(self.text_states(feats)[0])
@@ -742,7 +766,10 @@ class CMPAGL(RetrievalMethod):
         return {**self.image_cache_identity(), **self.text_cache_identity()}
 
     def image_cache_identity(self) -> dict[str, Any]:
-        return {} if self.gswin is None else {"map_index": self.cfg.map_index}
+        if self.gswin is None:
+            return {}
+        pooled = {"pooled": True} if self.global_head is not None else {}
+        return {"map_index": self.cfg.map_index, **pooled}
 
     def text_cache_identity(self) -> dict[str, Any]:
         if self.text_top is not None:  # the pooling runs after the tuned layers, not in the cache
@@ -761,7 +788,7 @@ class CMPAGL(RetrievalMethod):
         img_feats, txt_feats = self._image_feats(batch), self._text_feats(batch)
         img_pooled, img_tok = self.image_states(img_feats)
         txt_pooled, txt_tok, txt_mask = self.text_states(txt_feats)
-        img = F.normalize(self.image_proj(img_pooled), dim=-1)
+        img = F.normalize(self.project_image(img_pooled, img_feats), dim=-1)
         txt = F.normalize(self.text_proj(txt_pooled), dim=-1)
         g = self.gather
         ids, tids = batch["image_id"], batch.get("text_id")  # text_id: duplicate_captions=positive
@@ -976,7 +1003,7 @@ class CMPAGL(RetrievalMethod):
         """The modules retrieval runs: the towers (with the Gswin on the map and the tuned text
         layers) and the projections."""
         mods = (self.image_encoder, self.gswin, self.text_encoder, self.text_top)
-        return [m for m in (*mods, self.image_proj, self.text_proj) if m is not None]
+        return [m for m in (*mods, self.image_proj, self.global_head, self.text_proj) if m is not None]
 
     def parameter_counts(self) -> dict[str, int]:
         """Table VIII's counts: ``inference`` (the towers and projections that retrieval runs),
@@ -1000,7 +1027,7 @@ class CMPAGL(RetrievalMethod):
             "image_encoder": count([self.image_encoder]),
             "gswin_on_map": count([self.gswin]),
             "text_encoder": count([self.text_encoder, self.text_top]),
-            "projections": count([self.image_proj, self.text_proj]),
+            "projections": count([self.image_proj, self.global_head, self.text_proj]),
             "multimodal": count([self.fusion, self.image_fusion, self.image_fusion_in]),
             "heads": count([self.itm_head, self.mlm_head]),
             **self.parameter_counts(),
