@@ -396,3 +396,12 @@ def test_global_head_adds_the_strong_base_branch_and_trains_with_the_momentum_co
     assert any(not torch.equal(a, b) for a, b in zip(before, m.global_head.parameters(), strict=True))
     with pytest.raises(ConfigError, match="global_head"):
         build_config("cmpagl", {"global_head": True})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_cpu(make, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    m = make(bf16="auto").train()
+    with m._autocast():
+        assert torch.is_autocast_enabled("cpu") is native

@@ -153,3 +153,15 @@ def test_text_multi_pool_concatenates_every_layers_masked_mean(tiny_bert_spec: s
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="not 'multi'"):
         _dual(tiny_bert_spec, 1, text_encoder_kwargs={"pool": "multi"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    # An AVX2-only CPU emulates bf16 (slower than fp32): `auto` must pick fp32 there, and the
+    # resolved precision, not "auto", is what the feature cache is keyed by.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    enc = create_image_encoder("efficientnet-lite0", pretrained=False, precision="auto")
+    assert enc.precision == ("bf16" if native else "fp32")
+    assert enc.identity().get("precision", "fp32") == enc.precision

