@@ -116,7 +116,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
             again; the multi-tap features differ from fp32 by ≈ 2.5 % relative (L2), which
             did not change val mR on RSICD (``benchmarks/lite0_precision.py``); ``"auto"``: bf16
             where it is native (:func:`rsitr.models.precision.native_bf16`), else fp32 (emulated
-            bf16 on an AVX2-only CPU is several times slower than fp32). The resolved precision is
+            bf16 on an AVX2-only CPU was 14× slower than fp32). The resolved precision is
             part of the cache identity.
     """
 
