@@ -23,6 +23,21 @@ def test_shipped_configs_load() -> None:
         build_config(cfg.method, model)  # model options are valid for the method
 
 
+def test_strong_base_head_is_the_shipped_recipes() -> None:
+    """CMPAGL's ``global_head`` reuses the shipped ``dual`` head: the two must not drift apart."""
+    from rsitr.models.methods.dual import STRONG_BASE_HEAD
+
+    model = load_config(REPO / "configs" / "rsicd_offline.yaml").model
+    shipped = {
+        "kind": model["head"],
+        "hidden": model["head_hidden"],
+        "dropout": model["dropout"],
+        "input_dropout": model["input_dropout"],
+        "input_norm": model["input_norm"],
+    }
+    assert shipped == STRONG_BASE_HEAD
+
+
 def test_overrides_are_typed() -> None:
     cfg = load_config(
         None, ["optim.lr=3e-4", "optim.epochs=7", "cache.views=identity,hflip", "model.embed_dim=64"]

@@ -77,7 +77,7 @@ from rsitr.models.ema import MeanTeacher
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
 from rsitr.models.encoders.gswin import GswinOnMap, attention
 from rsitr.models.methods.base import Features, RetrievalMethod, merge_preset
-from rsitr.models.methods.dual import projection_head
+from rsitr.models.methods.dual import STRONG_BASE_HEAD, projection_head
 from rsitr.models.registry import register_method
 from rsitr.models.precision import native_bf16
 
@@ -674,7 +674,7 @@ class CMPAGL(RetrievalMethod):
                 self.image_fusion_in = nn.Sequential(nn.Linear(img_tok_dim, h), nn.LayerNorm(h))
         self.image_proj = nn.Linear(img_dim, cfg.embed_dim)
         self.global_head = (
-            projection_head(image_encoder.num_features, cfg.embed_dim, "mlp", 1024, 0.3, 0.3, "batchnorm")
+            projection_head(image_encoder.num_features, cfg.embed_dim, **STRONG_BASE_HEAD)
             if cfg.global_head
             else None
         )

@@ -111,6 +111,12 @@ class DualConfig:
             )  # noqa: E501
 
 
+STRONG_BASE_HEAD: dict[str, Any] = {
+    "kind": "mlp", "hidden": 1024, "dropout": 0.3, "input_dropout": 0.3, "input_norm": "batchnorm"
+}
+"""The head of the strong base (``configs/rsicd_offline.yaml``): an MLP on standardised inputs."""
+
+
 def projection_head(
     in_dim: int,
     out_dim: int,
