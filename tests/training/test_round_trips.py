@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,12 @@ def test_feature_cache_is_recomputed_for_a_changed_image(tiny_synth: Path, tmp_p
             first = feature_sets()
     assert feature_sets() == first and len(first) == 2  # images and captions; reused when unchanged
     victim, other = sorted((synth / "images").glob("*.jpg"))[:2]
+    st = other.stat()  # a re-mount or copy of the same files: new mtimes, same bytes
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    Trainer(
+        load_config(None, _cached(synth, tmp_path / "t", **{"cache.dir": cache})), show_progress=False
+    ).fit()
+    assert feature_sets() == first  # the features are keyed by content, not mtime
     victim.write_bytes(other.read_bytes())  # same name, new pixels (size and mtime change)
     Trainer(
         load_config(None, _cached(synth, tmp_path / "c", **{"cache.dir": cache})), show_progress=False

@@ -31,14 +31,18 @@ ComputeFn = Callable[[int, int], tuple[dict[str, Tensor], Tensor]]
 
 
 def data_fingerprint(corpus: RetrievalCorpus) -> str:
-    """Hash of the image files (name, size, mtime) of a corpus."""
+    """Hash of the image files (name and content) of a corpus.
+
+    Content, not mtime: a copy or re-mount of the same files (new mtimes) keeps its cache, and a
+    file rewritten with new pixels does not. Hashing RSICD's 9,828 JPEGs (≈ 200 MB) takes ≈ 1 s.
+    """
     h = hashlib.sha256()
     for im in corpus.images:
         h.update(im.filename.encode())
         if im.path is not None:
             try:
-                st = os.stat(im.path)
-                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+                with open(im.path, "rb") as f:
+                    h.update(hashlib.file_digest(f, "sha256").digest())
             except OSError:
                 h.update(b"missing")
     return h.hexdigest()
