@@ -146,6 +146,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.history: list[dict[str, Any]] = []
         self._scopes: dict[str, RetrievalCorpus | None] = {}
+        self._fingerprints: dict[tuple[str, ...], str] = {}  # image paths → data_fingerprint
         self._loaded: dict[str, tuple[dict[str, Tensor], Tensor]] = {}
 
     # --- setup -------------------------------------------------------------------------------
@@ -287,13 +288,16 @@ class Trainer:
         rows_t, caption_rows_t = torch.from_numpy(rows), torch.from_numpy(caption_rows)
         out_views = []
         valid = torch.ones(corpus.num_images, dtype=torch.bool)
+        files = tuple(f"{im.filename}:{im.path}" for im in scope.images)
+        if files not in self._fingerprints:  # one content hash per scope, not per view and split
+            self._fingerprints[files] = data_fingerprint(scope)
         for view in views:
             payload = {
                 **base,
                 **m.image_cache_identity(),
                 "encoder": m.image_encoder.identity(),
                 "view": view,
-                "data": data_fingerprint(scope),
+                "data": self._fingerprints[files],
             }
 
             def compute(s: int, e: int, view: str = view) -> tuple[dict[str, Tensor], Tensor]:
