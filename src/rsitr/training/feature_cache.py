@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from rsitr.data.corpus import RetrievalCorpus
+from rsitr.models.encoders._weights import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ def data_fingerprint(corpus: RetrievalCorpus) -> str:
         h.update(im.filename.encode())
         if im.path is not None:
             try:
-                with open(im.path, "rb") as f:
-                    h.update(hashlib.file_digest(f, "sha256").digest())
+                h.update(sha256_file(im.path).encode())
             except OSError:
                 h.update(b"missing")
     return h.hexdigest()
