@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from rsitr.errors import ConfigError, DataError, MissingDependencyError
+from rsitr.hashing import file_sha256
 from rsitr.models.encoders import (
     create_image_encoder,
     create_text_encoder,
@@ -107,7 +108,7 @@ def lite0():
 @needs_lite0
 def test_lite0_weights_verified_and_loaded(lite0) -> None:
     path = effnet.wheel_weights_path()
-    assert effnet.sha256_file(path) == effnet.WEIGHTS_SHA256
+    assert file_sha256(path) == effnet.WEIGHTS_SHA256
     assert lite0.identity()["weights"]["sha256"] == effnet.WEIGHTS_SHA256
     assert lite0.mean == lite0.std == (0.5, 0.5, 0.5)  # the original EfficientNet-Lite normalisation
     src = torch.load(path, weights_only=True)

@@ -172,7 +172,7 @@ def test_ids_depend_only_on_path_and_content(
 ) -> None:
     """Two builds that differ in batch size, file order of commits and folder hold the same ids;
     a changed file gets a new id, an unchanged one keeps its id."""
-    from rsitr.retrieval.index.identity import file_sha256
+    from rsitr.hashing import file_sha256
 
     out = archive_copy.parent / "other"
     build_index(archive_copy, assets.ckpt, out, batch_size=7, workers=1)

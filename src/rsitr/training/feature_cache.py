@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from rsitr.data.corpus import RetrievalCorpus
-from rsitr.models.encoders._weights import sha256_file
+from rsitr.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def data_fingerprint(corpus: RetrievalCorpus) -> str:
         h.update(im.filename.encode())
         if im.path is not None:
             try:
-                h.update(sha256_file(im.path).encode())
+                h.update(file_sha256(im.path).encode())
             except OSError:
                 h.update(b"missing")
     return h.hexdigest()

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import importlib.util
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ __all__ = [
     "load_state_dict_file",
     "package_dir",
     "resolve_file",
-    "sha256_file",
 ]
 
 #: file suffixes that make an ``@weights`` value a path rather than a pretrained tag
@@ -138,21 +135,6 @@ def resolve_file(path: str | Path, what: str) -> Path:
             f"{what}: weights file not found: {p}; provide this file or fix the path"
         )
     return p.resolve()
-
-
-@lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file (memoised on path, size and mtime)."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def package_dir(package: str, what: str) -> Path:

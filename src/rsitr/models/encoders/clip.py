@@ -28,8 +28,9 @@ from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import Tensor, nn
 
 from rsitr.errors import ConfigError, DataError, MissingDependencyError
+from rsitr.hashing import file_sha256_memo
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder, register_text_encoder
-from rsitr.models.encoders._weights import WeightsSource, is_path, log_random_init, resolve_file, sha256_file
+from rsitr.models.encoders._weights import WeightsSource, is_path, log_random_init, resolve_file
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput, TextEncoder, TextOutput
 from rsitr.models.encoders.timm_backbones import even_taps
 
@@ -84,7 +85,7 @@ def build_clip(spec: EncoderSpec, pretrained: bool = True) -> tuple[nn.Module, W
             ) from None
         tokenizer = open_clip.get_tokenizer(arch)
     if path is not None:
-        source = WeightsSource("file", str(path), sha256_file(path))
+        source = WeightsSource("file", str(path), file_sha256_memo(path))
     elif weights:
         source = WeightsSource("tag", f"{arch}@{weights}")
     elif pretrained:
@@ -127,7 +128,7 @@ def _summary(e: Exception) -> str:
 def _identity_arch(arch: str) -> str:
     # A config file is identified by its content, not its location; names by open_clip's spelling.
     if arch.endswith(".json"):
-        return f"{Path(arch).name}#sha256={sha256_file(Path(arch).expanduser())[:16]}"
+        return f"{Path(arch).name}#sha256={file_sha256_memo(Path(arch).expanduser())[:16]}"
     return arch.replace("/", "-")
 
 

@@ -20,13 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from rsitr.errors import ConfigError, DataError
+from rsitr.hashing import file_sha256_memo
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder
 from rsitr.models.encoders._weights import (
     WeightsSource,
     log_random_init,
     package_dir,
     resolve_file,
-    sha256_file,
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
 from rsitr.models.precision import resolve_precision
@@ -77,7 +77,7 @@ def load_lite0_weights(model: nn.Module, path: Path, sha256: str | None = None) 
         DataError: wrong checksum, wrong tensor count, or a shape mismatch at some position.
     """
     sha256 = sha256 or WEIGHTS_SHA256
-    digest = sha256_file(path)
+    digest = file_sha256_memo(path)
     if digest != sha256:
         raise DataError(
             f"sha256 {digest} does not match the expected {sha256}; reinstall the wheel", path=path

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsitr.errors import ConfigError, DataError
+from rsitr.hashing import file_sha256_memo
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder
 from rsitr.models.encoders._weights import (
     WeightsSource,
@@ -47,7 +48,6 @@ from rsitr.models.encoders._weights import (
     load_state_dict_file,
     log_random_init,
     resolve_file,
-    sha256_file,
     timm_pretrained,
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
@@ -836,7 +836,7 @@ def _swin_state(spec: EncoderSpec) -> tuple[dict[str, Tensor], WeightsSource]:
     weights = spec.weights or SWIN_T
     if is_path(weights):
         path = resolve_file(weights, spec.spec)
-        return load_state_dict_file(Path(path)), WeightsSource("file", str(path), sha256_file(path))
+        return load_state_dict_file(Path(path)), WeightsSource("file", str(path), file_sha256_memo(path))
     swin = timm_pretrained(weights, spec.spec, "gswin@/path/to/swin_t.safetensors")
     return swin.state_dict(), WeightsSource("tag", weights)
 

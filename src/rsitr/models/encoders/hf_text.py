@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from rsitr.errors import ConfigError, DataError, MissingDependencyError
+from rsitr.hashing import file_sha256_memo
 from rsitr.models.encoders._factory import EncoderSpec, register_text_encoder
-from rsitr.models.encoders._weights import WeightsSource, log_random_init, resolve_file, sha256_file
+from rsitr.models.encoders._weights import WeightsSource, log_random_init, resolve_file
 from rsitr.models.encoders.base import TextEncoder, TextOutput, masked_mean
 
 __all__ = ["HFTextEncoder", "additive_mask", "is_local_source"]
@@ -172,7 +173,7 @@ def _weights_source(source: str, local: bool, pretrained: bool, package: str | N
     if not local:
         return WeightsSource("hub", source)
     files = sorted(Path(source).glob("*.safetensors")) or sorted(Path(source).glob("*.bin"))
-    sha = sha256_file(files[0]) if len(files) == 1 else None
+    sha = file_sha256_memo(files[0]) if len(files) == 1 else None
     return WeightsSource("package", package, sha) if package else WeightsSource("file", source, sha)
 
 

@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from rsitr.hashing import file_sha256_memo
 from rsitr.models.encoders._factory import EncoderSpec, register_image_encoder
 from rsitr.models.encoders._weights import (
     WeightsSource,
@@ -33,7 +34,6 @@ from rsitr.models.encoders._weights import (
     load_state_dict_file,
     log_random_init,
     resolve_file,
-    sha256_file,
     timm_pretrained,
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
@@ -118,7 +118,7 @@ def _create(
         classifier = model.pretrained_cfg.get("classifier") or "fc"
         load_into(model, load_state_dict_file(path), path, ignore_unexpected=[f"{classifier}."])
         _logger.info("%s: loaded weights from %s", name, path)
-        return TimmImageEncoder(name, model, WeightsSource("file", str(path), sha256_file(path)))
+        return TimmImageEncoder(name, model, WeightsSource("file", str(path), file_sha256_memo(path)))
     tag = spec.weights or default_tag
     full = f"{arch}.{tag}" if tag else arch
     model = timm_pretrained(full, spec.spec, f"{name}@/path/to/weights.safetensors")

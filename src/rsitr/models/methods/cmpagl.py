@@ -78,8 +78,8 @@ from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
 from rsitr.models.encoders.gswin import GswinOnMap, attention
 from rsitr.models.methods.base import Features, RetrievalMethod, merge_preset
 from rsitr.models.methods.dual import STRONG_BASE_HEAD, projection_head
-from rsitr.models.registry import register_method
 from rsitr.models.precision import native_bf16
+from rsitr.models.registry import register_method
 
 _logger = logging.getLogger(__name__)
 

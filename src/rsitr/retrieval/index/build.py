@@ -25,8 +25,9 @@ import torch
 
 from rsitr.errors import ConfigError, DataError
 from rsitr.faults import crash_point
+from rsitr.hashing import file_sha256
 from rsitr.retrieval.embed import parse_views
-from rsitr.retrieval.index.identity import check_identity, checkpoint_identity, file_sha256
+from rsitr.retrieval.index.identity import check_identity, checkpoint_identity
 from rsitr.retrieval.index.ingest import embed_batch, ingest_file
 from rsitr.retrieval.index.layout import (
     MANIFEST_FILE,

@@ -7,33 +7,22 @@ refuses to be searched or extended with any other.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from rsitr.errors import ConfigError, DataError
+from rsitr.hashing import file_sha256
 from rsitr.models.checkpoint import MODEL_FILE, read_metadata
 
-__all__ = ["IDENTITY_KEYS", "IndexMismatchError", "check_identity", "checkpoint_identity", "file_sha256"]
+__all__ = ["IDENTITY_KEYS", "IndexMismatchError", "check_identity", "checkpoint_identity"]
 
 #: Metadata keys of a checkpoint that, with its SHA-256, identify the embedding space.
 IDENTITY_KEYS = ("method", "config", "image_encoder", "text_encoder")
 
-_CHUNK = 1 << 20
-
 
 class IndexMismatchError(ConfigError):
     """The checkpoint does not match the one an index was built with."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_identity(path: str | Path) -> dict[str, Any]:

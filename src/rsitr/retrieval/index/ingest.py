@@ -16,7 +16,7 @@ from PIL import Image
 from rsitr.data.footprints import lonlat_footprint
 from rsitr.data.images import load_image, read_acquisition_time, read_geo_info
 from rsitr.errors import DataError
-from rsitr.retrieval.index.identity import file_sha256
+from rsitr.hashing import file_sha256
 from rsitr.retrieval.index.scan import FileStat
 from rsitr.retrieval.index.store import ImageMetadata
 
