@@ -163,3 +163,34 @@ def test_embed_archive_scores_use_its_caption_to_image(
     np.savez(tmp_path / "bad.npz", image_embeddings=img, text_embeddings=txt)
     assert run(["evaluate-scores", str(tmp_path / "bad.npz")]) == 2
     assert "no 'caption_to_image' array" in capsys.readouterr().err
+
+
+def test_several_matrices_are_evaluated_as_their_mean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A score-level ensemble (e.g. seeds): the metrics of (S_1 + S_2) / 2, not of either alone."""
+    from rsitr.retrieval.metrics import evaluate_scores
+    from rsitr.retrieval.relevance import Relevance
+
+    rng = np.random.default_rng(1)
+    n, cpi = 30, 5
+    truth = np.repeat(np.eye(n), cpi, axis=1)
+    noise = rng.normal(size=(n, n * cpi))
+    # Each member is wrong where the other is right, so only their mean ranks well.
+    s1, s2 = truth + noise, truth - noise
+    np.save(a := tmp_path / "a.npy", s1)
+    np.save(b := tmp_path / "b.npy", s2)
+    d = _json(capsys, ["evaluate-scores", str(a), str(b), "--json"])
+    rel = Relevance(np.repeat(np.arange(n), cpi), n)
+    expected = evaluate_scores((s1 + s2) / 2, rel)
+    assert d["mR"] == pytest.approx(expected.mR) == pytest.approx(100.0)
+    assert d["mR"] > _json(capsys, ["evaluate-scores", str(a), "--json"])["mR"]
+    assert d["ensemble"] == [str(a), str(b)]
+
+
+def test_ensemble_of_different_corpora_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(a := tmp_path / "a.npy", np.zeros((4, 20)))
+    np.save(b := tmp_path / "b.npy", np.zeros((3, 15)))
+    assert run(["evaluate-scores", str(a), str(b), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "b.npy" in err[0] and "cannot ensemble" in err[0]

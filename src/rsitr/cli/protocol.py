@@ -73,13 +73,35 @@ def load_rerank_config(path: Path) -> tuple[str, dict[str, Any]]:
     return str(data["rerank"]), dict(data["params"])
 
 
+def ensemble_scores(paths: list[Path], cpi: int) -> tuple[np.ndarray, Relevance]:
+    """The mean of several score matrices of the same corpus (a score-level ensemble, e.g. of
+    seeds: S = (1/M) Σ_m S_m), with their common ground truth.
+
+    Raises:
+        DataError: a matrix whose shape or ground truth differs from the first one's (names it).
+    """
+    total, rel = scores_and_relevance(paths[0], cpi, mmap=False)
+    total = np.array(total, dtype=np.float64)
+    for path in paths[1:]:
+        scores, other = scores_and_relevance(path, cpi)
+        if scores.shape != total.shape or not np.array_equal(other.caption_to_image, rel.caption_to_image):
+            raise DataError(
+                f"cannot ensemble with {paths[0].name}: shape {scores.shape} against {total.shape}, "
+                "or another ground truth (embed the same split of the same data)",
+                path=path,
+            )
+        total += scores
+    return total / len(paths), rel
+
+
 @app.command("evaluate-scores")
 def evaluate_scores_cmd(
-    scores_path: Annotated[
-        Path,
+    scores_paths: Annotated[
+        list[Path],
         typer.Argument(
-            metavar="SCORES.npy|EMB.npz",
-            help="(n_images, n_captions) score matrix, or embeddings from `rsitr embed`.",
+            metavar="SCORES.npy|EMB.npz...",
+            help="(n_images, n_captions) score matrix, or embeddings from `rsitr embed`; several "
+            "of the same corpus are averaged (a score-level ensemble, e.g. of seeds).",
         ),
     ],
     captions_per_image: Annotated[
@@ -121,21 +143,29 @@ def evaluate_scores_cmd(
     else:
         get_reranker(rerank_name)
         params = make_params(rerank_name, **given)
-    scores, rel = scores_and_relevance(scores_path, captions_per_image)
-    qbank = None
+    scores_path = scores_paths[0]
     if bank is not None:
         if rerank_name == "none" or not get_reranker(rerank_name).needs_bank:
             raise ConfigError("--bank is the query bank of --rerank qb-norm")
-        qbank = query_bank_from_npz(scores_path, bank)
+        if len(scores_paths) > 1:
+            raise ConfigError("--bank takes one embeddings file, not an ensemble")
+    if len(scores_paths) > 1:
+        scores, rel = ensemble_scores(scores_paths, captions_per_image)
+    else:
+        scores, rel = scores_and_relevance(scores_path, captions_per_image)
+    qbank = query_bank_from_npz(scores_path, bank) if bank is not None else None
     out = rerank(scores, rerank_name, params, bank=qbank)
     metrics = evaluate_scores(out.i2t, rel, ties, t2i_scores=out.t2i, rerank=rerank_name)  # type: ignore[arg-type]
     if params is not None:
         metrics.extra["rerank_params"] = asdict(params)
         metrics.extra["transductive"] = get_reranker(rerank_name).transductive
+    if len(scores_paths) > 1:
+        metrics.extra["ensemble"] = [str(p) for p in scores_paths]
     if as_json:
         typer.echo(json.dumps(metrics.to_dict()))
         return
-    title = f"{scores_path.name}: {rel.num_images} images × {rel.num_captions} captions"
+    names = " + ".join(p.name for p in scores_paths)
+    title = f"{names}: {rel.num_images} images × {rel.num_captions} captions"
     print_metrics_table(metrics, title=title)
     console.print(f"[dim]{time.perf_counter() - t0:.2f} s[/dim]")
 
