@@ -65,6 +65,11 @@ def test_val_extras_are_reported_and_match_evaluate(tiny_synth: Path, tmp_path: 
     got = json.loads(capsys.readouterr().out)
     assert got["transductive"] is False and got["tta_views"] == ["identity", "hflip"]
     assert got["mR"] == pytest.approx(extras["tta+qb-norm"]["mR"], abs=0.01)
+    # the best checkpoint's val embeddings are saved for ensembles and rerank tuning, and read back
+    # by evaluate-scores to the figures of the summary
+    for name, file in (("plain", "val_embeddings.npz"), ("tta", "val_embeddings_tta.npz")):
+        assert run(["evaluate-scores", str(tmp_path / "run" / file), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["mR"] == pytest.approx(extras[name]["mR"], abs=0.01)
 
 
 def test_caption_sampling_distinct_and_image(tiny_synth: Path, tmp_path: Path) -> None:

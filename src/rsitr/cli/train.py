@@ -216,10 +216,9 @@ def embed_cmd(
     tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
 ) -> None:
     """Export L2-normalised image and caption embeddings of a corpus (npz, no pickle)."""
-    import numpy as np
 
     from rsitr.data import load_corpus
-    from rsitr.retrieval.embed import embed_corpus, parse_views
+    from rsitr.retrieval.embed import embed_corpus, parse_views, save_embeddings
 
     setup_logging()
     if out.suffix != ".npz":
@@ -230,17 +229,7 @@ def embed_cmd(
     img, txt = embed_corpus(
         method, corpus, batch_size=batch_size, device=next(method.parameters()).device, views=views
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.npz")
-    np.savez(
-        tmp,
-        image_embeddings=img.numpy(),
-        text_embeddings=txt.numpy(),
-        image_names=np.array(corpus.filenames(), dtype=str),
-        captions=np.array(corpus.captions, dtype=str),
-        caption_to_image=corpus.caption_to_image(),
-    )
-    tmp.replace(out)
+    save_embeddings(out, img, txt, corpus)
     dim = img.shape[1] if img.numel() else 0
     console.print(f"wrote {out}: {img.shape[0]} images, {txt.shape[0]} captions, dim {dim}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -279,6 +280,25 @@ def embed_corpus(
         text_feats = text_features(method, corpus.captions, device=device)
     txt = embed_from_features(method.encode_text, text_feats, device=device)
     return img, txt
+
+
+def save_embeddings(path: str | Path, img: Tensor, txt: Tensor, corpus: RetrievalCorpus) -> Path:
+    """Write L2-normalised embeddings of ``corpus`` as an ``rsitr embed`` archive (npz, no pickle,
+    written atomically): ``image_embeddings``, ``text_embeddings``, ``image_names``,
+    ``captions`` and ``caption_to_image``, the ground truth that ``load_embeddings`` reads back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(
+        tmp,
+        image_embeddings=img.detach().cpu().float().numpy(),
+        text_embeddings=txt.detach().cpu().float().numpy(),
+        image_names=np.array(corpus.filenames(), dtype=str),
+        captions=np.array(corpus.captions, dtype=str),
+        caption_to_image=corpus.caption_to_image(),
+    )
+    tmp.replace(path)
+    return path
 
 
 def evaluate_embeddings(

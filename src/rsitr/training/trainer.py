@@ -39,6 +39,7 @@ from rsitr.retrieval.embed import (
     evaluate_embeddings,
     evaluate_method,
     image_features,
+    save_embeddings,
     text_features,
 )
 from rsitr.retrieval.metrics import RetrievalMetrics
@@ -56,6 +57,8 @@ from rsitr.training.schedule import build_scheduler
 logger = logging.getLogger(__name__)
 
 NO_DECAY = ("bias", "norm", "logit_scale", "ln_", "bn")
+#: the best checkpoint's val embeddings, one view and the cached views averaged (``rsitr embed`` format)
+VAL_EMBEDDINGS = {"plain": "val_embeddings.npz", "tta": "val_embeddings_tta.npz"}
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -515,6 +518,8 @@ class Trainer:
         )
         out: dict[str, Any] = {"tta_views": list(views)}
         for name, img in (("plain", per_view[0]), ("tta", average_views(per_view))):
+            if self.dist.is_main:  # for ensembles and rerank tuning: rsitr evaluate-scores / tune-rerank
+                save_embeddings(self.out / VAL_EMBEDDINGS[name], img, txt, self.val_corpus)
             for rerank in ("none", "qb-norm"):
                 m = evaluate_embeddings(
                     img, txt, self.val_corpus, self.cfg.ties, rerank, bank=bank if rerank != "none" else None
