@@ -216,7 +216,6 @@ def embed_cmd(
     tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
 ) -> None:
     """Export L2-normalised image and caption embeddings of a corpus (npz, no pickle)."""
-
     from rsitr.data import load_corpus
     from rsitr.retrieval.embed import embed_corpus, parse_views, save_embeddings
 
