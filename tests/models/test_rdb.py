@@ -139,6 +139,32 @@ def test_fresh_adapters_reproduce_frozen_offline_embeddings() -> None:
         )
 
 
+def test_head_site_pools_the_adapted_head_map_exactly() -> None:
+    """One VEA on the head's 1280-channel map: fresh, the frozen embedding; trained, the pooled
+    shortcut mean(y) + σ(g)·W_up mean(z) equals the encoder's own per-token forward."""
+    torch.manual_seed(0)
+    m = _offline_rdb(image_site="head", image_encoder_kwargs={"pool": "multi"}).eval()
+    tower = m.image_tower
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        frozen = m.image_encoder(x).pooled
+        assert torch.allclose(tower(x), frozen, atol=1e-6)
+        assert len(tower.insertions) == 1 and tower.insertions[0].adapter.up.out_features == 1280
+        torch.nn.init.normal_(tower.insertions[0].adapter.up.weight, std=0.5)
+        torch.nn.init.normal_(tower.insertions[0].adapter.up.bias, std=0.5)
+        adapted = tower.suffix(tower.prefix(x))
+        per_token = m.image_encoder(x).pooled  # bn2 wrapped: y + delta(y) on every token, then the mean
+    assert torch.allclose(adapted, per_token, atol=1e-5)
+    assert (adapted - frozen).abs().max() > 0.1  # the adapter changed the head part …
+    assert torch.equal(adapted[:, :-1280], frozen[:, :-1280])  # … and only the head part
+    assert not any(p.requires_grad for p in m.image_encoder.model.conv_head.parameters())
+    assert m.cache_identity()["image_site"] == "head"
+    with pytest.raises(ConfigError, match="image_layers"):
+        _offline_rdb(image_site="head", image_layers=2)
+    with pytest.raises(ConfigError, match="image_site"):
+        _offline_rdb(image_site="stem")
+
+
 def test_bf16_tower_follows_the_encoder_precision() -> None:
     torch.manual_seed(0)
     m = _offline_rdb(image_encoder_kwargs={"pool": "multi", "precision": "bf16"}).eval()
@@ -186,6 +212,8 @@ def test_last_k_layers_and_bad_k(tiny_clip: str) -> None:
     assert len(m.image_tower.insertions) == 1 and m.image_tower.first == 1
     with pytest.raises(ConfigError, match="image_layers"):
         _clip_rdb(tiny_clip, image_layers=5)
+    with pytest.raises(ConfigError, match="image_site"):  # a ViT has no head site
+        _clip_rdb(tiny_clip, image_site="head")
 
 
 def test_clip_training_step_keeps_frozen_weights(tiny_clip: str) -> None:

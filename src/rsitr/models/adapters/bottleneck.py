@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rsitr.models.encoders.base import masked_mean
+
 
 class AdapterContext:
     """Per-forward state shared by one tower's adapters.
@@ -64,7 +66,9 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, m: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, m: Tensor, mask: Tensor | None = None, pool: bool = False) -> Tensor:
+        """``W_up z`` per token, or with ``pool`` its mean over the tokens, ``W_up mean_n(z_n)``:
+        W_up is affine, so the mean commutes with it and the up-projection runs once per row."""
         z0 = F.gelu(self.down(m))
         z = self.attention(z0, mask)
         if self.shared:
@@ -72,7 +76,10 @@ class BottleneckAdapter(nn.Module):
         if self.attn_twice:
             z = self.attention(z, mask)
         beta = torch.sigmoid(self.beta)
-        return self.up(beta * z0 + (1 - beta) * z)
+        z = beta * z0 + (1 - beta) * z
+        if pool:
+            z = z.mean(1) if mask is None else masked_mean(z, mask)
+        return self.up(z)
 
 
 class GatedInsertion(nn.Module):
@@ -132,6 +139,17 @@ class GatedInsertion(nn.Module):
                 out = (a * self.adapter(tokens, None)).transpose(1, 2).reshape(y.shape)
             else:
                 out = a * self.adapter(y.float(), self.ctx.mask)
+        return out.to(y.dtype)
+
+    def pooled_delta(self, y: Tensor) -> Tensor:
+        """The token mean of :meth:`delta` for (B, C, H, W) maps ``y``, as (B, C): the adapter's
+        ``pool`` path, so ``mean(y + delta(y)) = mean(y) + pooled_delta(y)`` costs one up-projection
+        per map instead of one per token."""
+        if self.ctx.off:
+            return y.new_zeros(y.shape[:2])
+        with torch.autocast(y.device.type, enabled=False):
+            tokens = y.flatten(2).transpose(1, 2).float()
+            out = torch.sigmoid(self.gate) * self.adapter(tokens, None, pool=True)
         return out.to(y.dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -41,6 +41,8 @@ class AdaptedTower(nn.Module):
         make_adapter: see :data:`AdapterFactory`.
         gate_init: initial value of each insertion's gate g.
         placement: ``mlp_out_gated`` or ``parallel_mlp`` (transformer towers only).
+        site: ``blocks`` (the last ``layers`` blocks) or, where the tower has one (``sites``),
+            ``head``: one adapter on the output of the tower's last frozen layer.
     """
 
     modality = ""
@@ -52,8 +54,15 @@ class AdaptedTower(nn.Module):
         make_adapter: AdapterFactory,
         gate_init: float = 0.6,
         placement: str = "mlp_out_gated",
+        site: str = "blocks",
     ) -> None:
         super().__init__()
+        if site not in self.sites:
+            allowed = ", ".join(self.sites)
+            raise ConfigError(
+                f"model.{self.modality}_site: {site!r} is not one of {allowed} for {encoder.name}"
+            )
+        self.site = site
         self.encoder = encoder
         self.ctx = AdapterContext()
         blocks = self.blocks()
@@ -80,6 +89,7 @@ class AdaptedTower(nn.Module):
 
     supports_parallel = False
     layout = "nlc"
+    sites: tuple[str, ...] = ("blocks",)
 
     def blocks(self) -> list[nn.Module]:
         """The encoder's blocks in order."""
@@ -254,15 +264,31 @@ class BertTower(AdaptedTower):
 
 class EfficientNetTower(AdaptedTower):
     """EfficientNet-Lite (0/1/2); adapters on the projection (``bn3``) output of the last inverted-
-    residual blocks, over their HW spatial tokens (the last stage is 7×7 at 224 px)."""
+    residual blocks, over their HW spatial tokens (the last stage is 7×7 at 224 px).
+
+    ``site="head"`` puts one adapter on the head's output instead (``bn2``: the 1×1 head
+    convolution's 1280-channel map after BN and ReLU6, 7×7 tokens), after the last frozen layer.
+    Nothing frozen then runs in the suffix, and the pooled output is
+    ``mean(y) + σ(g)·W_up mean(z)`` (:meth:`GatedInsertion.pooled_delta`), so a training step
+    costs the adapter's down-projection and attention only, not the head convolution forwards and
+    backwards that the ``blocks`` site needs; the cached prefix is the head map (4× the last
+    block's)."""
 
     modality = "image"
     layout = "nchw"
+    sites = ("blocks", "head")
 
     def blocks(self) -> list[nn.Module]:
+        if self.site == "head":
+            return [self.encoder.model]  # one "block": its head (conv_head + bn2)
+        return self._ir_blocks()
+
+    def _ir_blocks(self) -> list[nn.Module]:
         return [b for stage in self.encoder.model.blocks for b in stage][1:]  # the stem DS conv has no bn3
 
     def insertion_point(self, block: nn.Module) -> tuple[nn.Module, str, int]:
+        if self.site == "head":
+            return block, "bn2", block.bn2.num_features
         return block, "bn3", block.bn3.num_features
 
     def _stage_of(self) -> list[int]:
@@ -276,14 +302,25 @@ class EfficientNetTower(AdaptedTower):
 
     def prefix(self, images: Tensor) -> Features:
         with self._autocast(images.device):
-            out = self._prefix(images)
+            out = self._head_prefix(images) if self.site == "head" else self._prefix(images)
         return {k: v.float() for k, v in out.items()}
 
-    def _prefix(self, images: Tensor) -> Features:
+    def _stem(self, images: Tensor) -> Tensor:
         m = self.encoder.model
-        x = m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last)))
-        x = m.blocks[0](x)
-        stage_of, blocks = self._stage_of(), self.blocks()
+        return m.blocks[0](m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last))))
+
+    def _head_prefix(self, images: Tensor) -> Features:
+        """The whole frozen tower: the head map ``y`` and the stage averages from stride 4 on."""
+        m = self.encoder.model
+        x, pooled = self._stem(images), []
+        for stage in m.blocks[1:]:
+            x = stage(x)
+            pooled.append(x.mean((2, 3)))
+        return {"y": m.bn2.inner(m.conv_head(x)), "pooled_prefix": torch.cat(pooled, 1)}
+
+    def _prefix(self, images: Tensor) -> Features:
+        x = self._stem(images)
+        stage_of, blocks = self._stage_of(), self._ir_blocks()
         pooled = []
         for i in range(self.first):
             x = blocks[i](x)
@@ -305,12 +342,21 @@ class EfficientNetTower(AdaptedTower):
 
     def _suffix(self, feats: Features) -> Tensor:
         with self._autocast(feats["y"].device):
-            return self._adapted(feats).float()
+            if self.site == "head":
+                y = feats["y"]
+                head = y.mean((2, 3)) + self.insertions[0].pooled_delta(y)
+                pooled = [feats["pooled_prefix"]]
+            else:
+                pooled, head = self._adapted(feats)
+            if self.encoder.pool == "multi":
+                return torch.cat(pooled + [head], 1).float()
+            return head.float()
 
-    def _adapted(self, feats: Features) -> Tensor:
+    def _adapted(self, feats: Features) -> tuple[list[Tensor], Tensor]:
+        """The adapted blocks and the frozen head: (the stage averages, the pooled head)."""
         m = self.encoder.model
         self.ctx.mask = None
-        stage_of, blocks = self._stage_of(), self.blocks()
+        stage_of, blocks = self._stage_of(), self._ir_blocks()
         cl = torch.channels_last  # the encoder's layout (cached maps come back contiguous)
         feats = {k: v.contiguous(memory_format=cl) if v.dim() == 4 else v for k, v in feats.items()}
         x = self._adapt_first(feats)
@@ -322,10 +368,7 @@ class EfficientNetTower(AdaptedTower):
                 x = blocks[i](x)
             if i + 1 == len(blocks) or stage_of[i + 1] != stage_of[i]:
                 pooled.append(x.mean((2, 3)))
-        head = m.bn2(m.conv_head(x)).mean((2, 3))
-        if self.encoder.pool == "multi":
-            return torch.cat(pooled + [head], 1)
-        return head
+        return pooled, m.bn2(m.conv_head(x)).mean((2, 3))
 
 
 def adapted_tower(

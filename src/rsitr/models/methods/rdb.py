@@ -76,6 +76,9 @@ class RDBConfig:
             path as ``clip:ViT-B-32@/path/RS5M_ViT-B-32_RET-2.pt``, or the offline
             ``efficientnet-lite0`` / ``minilm-l6``). Both towers are always frozen.
         image_layers / text_layers: adapt the last k blocks (``None``: all).
+        image_site: ``blocks`` (the last ``image_layers`` blocks) or ``head``: one VEA on the
+            output of the image tower's last frozen layer (EfficientNet-Lite: the head
+            convolution's map), so no frozen layer runs in a training step (``image_layers`` 1).
         bottleneck: r, common to both towers.
         heads: heads of the modality attentions (DA: h differential heads of 2 sub-heads).
         shared_heads: heads of the shared interaction layer (on r/2 tokens).
@@ -114,6 +117,7 @@ class RDBConfig:
     image_encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     text_encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     image_layers: int | None = None
+    image_site: Literal["blocks", "head"] = "blocks"
     text_layers: int | None = None
     bottleneck: int = 128
     heads: int = 4
@@ -159,6 +163,7 @@ class RDBConfig:
             "image_adapter": ("vea", "mhsa"), "text_adapter": ("tsa", "mhsa"), "tsa_mode": ("full", "simple"),
             "placement": ("mlp_out_gated", "parallel_mlp"), "head": ("auto", "none", "linear", "mlp"),
             "input_norm": ("none", "batchnorm", "layernorm"), "weighting": WEIGHTINGS,
+            "image_site": ("blocks", "head"),
             "ema_target": ("both", "retrieval", "classification", "embedding_mse"),
         }  # fmt: skip
         for name, allowed in choices.items():
@@ -238,7 +243,8 @@ class RDB(RetrievalMethod):
             return BottleneckAdapter(dim, r, attn, shared_for(from_end), cfg.attn_twice, cfg.inner_gate_init)
 
         kw = {"gate_init": cfg.gate_init, "placement": cfg.placement}
-        self.image_tower = adapted_tower(image_encoder, cfg.image_layers, image_adapter, **kw)
+        site = {"site": cfg.image_site} if cfg.image_site != "blocks" else {}
+        self.image_tower = adapted_tower(image_encoder, cfg.image_layers, image_adapter, **site, **kw)
         self.text_tower = adapted_tower(text_encoder, cfg.text_layers, text_adapter, **kw)
 
         head = cfg.head
@@ -293,6 +299,7 @@ class RDB(RetrievalMethod):
         """The prefixes end at the first adapted block of each tower, and are stored in half precision."""
         return {
             "image_split": self.image_tower.first,
+            **({"image_site": self.cfg.image_site} if self.cfg.image_site != "blocks" else {}),
             "text_split": self.text_tower.first,
             "placement": self.cfg.placement,
             "dtype": str(self.cache_dtype),
