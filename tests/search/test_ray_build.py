@@ -14,6 +14,8 @@ from rsitr.retrieval.index.store import DB_FILE, MetadataStore
 from tests.search.conftest import SearchAssets
 
 pytest.importorskip("ray.data", reason="the Ray engine needs the scale extra (pip install 'rsitr[scale]')")
+#: one local Ray at a time: under ``pytest -n``, this module's tests share one worker
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +130,20 @@ def test_ray_build_resumes_from_staged_shards_and_updates_incrementally(
     r = build_index(archive_copy, assets.ckpt, out, engine="ray")
     assert calls == [sorted([names[0], "new.jpg"])]
     assert (r.added, r.removed, r.count) == (2, 2, 40)
+
+
+def test_local_ray_workers_run_at_the_drivers_priority() -> None:
+    """Ray niced its workers to 15 by default: beside any busy process they starved, and a build
+    stalled. The local Ray that rsitr starts runs them at niceness 0."""
+    import os
+
+    import ray
+
+    from rsitr.retrieval.index.ray_engine import _connect
+
+    assert _connect(ray, RayOptions(workers=1))
+    try:
+        niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    finally:
+        ray.shutdown()
+    assert niceness == os.nice(0)

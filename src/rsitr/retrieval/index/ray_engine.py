@@ -204,7 +204,10 @@ def _connect(ray: Any, opts: RayOptions) -> bool:
         ray.init(address=opts.address, **kwargs)
     else:
         cpus = max(os.cpu_count() or 1, opts.workers * opts.threads_per_worker + 1)
-        ray.init(num_cpus=cpus, object_store_memory=256 << 20, **kwargs)
+        # The workers do the build's work: run them at the driver's priority, not Ray's default
+        # niceness 15, under which any other busy process on the machine starves the embedding.
+        system = {"worker_niceness": 0}
+        ray.init(num_cpus=cpus, object_store_memory=256 << 20, _system_config=system, **kwargs)
     return True
 
 
