@@ -14,8 +14,6 @@ from rsitr.retrieval.index.store import DB_FILE, MetadataStore
 from tests.search.conftest import SearchAssets
 
 pytest.importorskip("ray.data", reason="the Ray engine needs the scale extra (pip install 'rsitr[scale]')")
-#: one local Ray at a time: under ``pytest -n``, this module's tests share one worker
-pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
