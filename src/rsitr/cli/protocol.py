@@ -8,16 +8,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 import yaml
 
 from rsitr.cli._app import app
 from rsitr.cli.report import console, print_metrics_table
 from rsitr.errors import ConfigError, DataError
-from rsitr.retrieval import Relevance, evaluate_scores, make_params, rerank
+from rsitr.retrieval import evaluate_scores, make_params, rerank
 from rsitr.retrieval.rerank import QueryBank, get_reranker
-from rsitr.retrieval.scores import load_embeddings, load_scores, scores_from_embeddings
+from rsitr.retrieval.scores import ensemble_scores, load_embeddings, scores_and_relevance
 
 RERANK_CHOICES = "none|reverse-rank|mr|smr|inverted-softmax|qb-norm"
 
@@ -36,32 +35,6 @@ def query_bank_from_npz(scores_path: Path, bank_path: Path) -> QueryBank:
     return QueryBank(text=bank[1] @ gallery[0].T, image=bank[0] @ gallery[1].T)
 
 
-def relevance_for(scores_shape: tuple[int, int], cpi: int, path: str) -> Relevance:
-    """The contiguous cpi-captions-per-image layout, checked against the matrix shape."""
-    if cpi < 1:
-        raise ConfigError(f"--captions-per-image must be >= 1, got {cpi}")
-    n_img, n_cap = scores_shape
-    if n_cap % cpi:
-        raise DataError(f"{n_cap} columns are not divisible by --captions-per-image {cpi}", path=path)
-    if n_cap != n_img * cpi:
-        raise DataError(
-            f"{n_cap} columns make {n_cap // cpi} images at {cpi} captions per image, "
-            f"but the matrix has {n_img} rows",
-            path=path,
-        )
-    return Relevance.from_captions_per_image(n_img, cpi)
-
-
-def scores_and_relevance(path: Path, cpi: int, mmap: bool = True) -> tuple[np.ndarray, Relevance]:
-    """A ``.npy`` score matrix (captions laid out ``cpi`` per image) or an ``rsitr embed`` ``.npz``
-    (cosine scores; its ``caption_to_image`` is the ground truth and ``cpi`` is not used)."""
-    if path.suffix == ".npz":
-        scores, c2i = scores_from_embeddings(path)
-        return scores, Relevance(c2i, scores.shape[0])
-    scores = load_scores(path, mmap=mmap)
-    return scores, relevance_for(scores.shape, cpi, str(path))
-
-
 def load_rerank_config(path: Path) -> tuple[str, dict[str, Any]]:
     """Read a ``tune-rerank`` YAML: returns the reranker name and its parameters."""
     try:
@@ -71,27 +44,6 @@ def load_rerank_config(path: Path) -> tuple[str, dict[str, Any]]:
     if not isinstance(data, dict) or "rerank" not in data or "params" not in data:
         raise DataError("expected keys 'rerank' and 'params'", path=path)
     return str(data["rerank"]), dict(data["params"])
-
-
-def ensemble_scores(paths: list[Path], cpi: int) -> tuple[np.ndarray, Relevance]:
-    """The mean of several score matrices of the same corpus (a score-level ensemble, e.g. of
-    seeds: S = (1/M) Σ_m S_m), with their common ground truth.
-
-    Raises:
-        DataError: a matrix whose shape or ground truth differs from the first one's (names it).
-    """
-    total, rel = scores_and_relevance(paths[0], cpi, mmap=False)
-    total = np.array(total, dtype=np.float64)
-    for path in paths[1:]:
-        scores, other = scores_and_relevance(path, cpi)
-        if scores.shape != total.shape or not np.array_equal(other.caption_to_image, rel.caption_to_image):
-            raise DataError(
-                f"cannot ensemble with {paths[0].name}: shape {scores.shape} against {total.shape}, "
-                "or another ground truth (embed the same split of the same data)",
-                path=path,
-            )
-        total += scores
-    return total / len(paths), rel
 
 
 @app.command("evaluate-scores")

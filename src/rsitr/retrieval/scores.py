@@ -1,4 +1,5 @@
-"""Reading and writing score matrices (``.npy``, never pickled)."""
+"""Score matrices (``.npy``, never pickled) and ``rsitr embed`` archives: reading them with their
+ground truth, and averaging several of one corpus (a score-level ensemble)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rsitr.errors import DataError
+from rsitr.errors import ConfigError, DataError
 from rsitr.retrieval.metrics import validate_scores
+from rsitr.retrieval.relevance import Relevance
 
 
 def load_scores(path: str | Path, mmap: bool = True) -> np.ndarray:
@@ -84,3 +86,50 @@ def save_scores(path: str | Path, scores: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, np.asarray(scores), allow_pickle=False)
     tmp.replace(path)
+
+
+def relevance_for(scores_shape: tuple[int, int], cpi: int, path: str) -> Relevance:
+    """The contiguous cpi-captions-per-image layout, checked against the matrix shape."""
+    if cpi < 1:
+        raise ConfigError(f"--captions-per-image must be >= 1, got {cpi}")
+    n_img, n_cap = scores_shape
+    if n_cap % cpi:
+        raise DataError(f"{n_cap} columns are not divisible by --captions-per-image {cpi}", path=path)
+    if n_cap != n_img * cpi:
+        raise DataError(
+            f"{n_cap} columns make {n_cap // cpi} images at {cpi} captions per image, "
+            f"but the matrix has {n_img} rows",
+            path=path,
+        )
+    return Relevance.from_captions_per_image(n_img, cpi)
+
+
+def scores_and_relevance(path: Path, cpi: int, mmap: bool = True) -> tuple[np.ndarray, Relevance]:
+    """A ``.npy`` score matrix (captions laid out ``cpi`` per image) or an ``rsitr embed`` ``.npz``
+    (cosine scores; its ``caption_to_image`` is the ground truth and ``cpi`` is not used)."""
+    if path.suffix == ".npz":
+        scores, c2i = scores_from_embeddings(path)
+        return scores, Relevance(c2i, scores.shape[0])
+    scores = load_scores(path, mmap=mmap)
+    return scores, relevance_for(scores.shape, cpi, str(path))
+
+
+def ensemble_scores(paths: list[Path], cpi: int) -> tuple[np.ndarray, Relevance]:
+    """The mean of several score matrices of the same corpus (a score-level ensemble, e.g. of
+    seeds: S = (1/M) Σ_m S_m), with their common ground truth.
+
+    Raises:
+        DataError: a matrix whose shape or ground truth differs from the first one's (names it).
+    """
+    total, rel = scores_and_relevance(paths[0], cpi, mmap=False)
+    total = np.array(total, dtype=np.float64)
+    for path in paths[1:]:
+        scores, other = scores_and_relevance(path, cpi)
+        if scores.shape != total.shape or not np.array_equal(other.caption_to_image, rel.caption_to_image):
+            raise DataError(
+                f"cannot ensemble with {paths[0].name}: shape {scores.shape} against {total.shape}, "
+                "or another ground truth (embed the same split of the same data)",
+                path=path,
+            )
+        total += scores
+    return total / len(paths), rel
