@@ -124,32 +124,23 @@ class GatedInsertion(nn.Module):
         except AttributeError:
             return getattr(self._modules["inner"], name)
 
-    def delta(self, y: Tensor) -> Tensor:
-        """``σ(g)·W_up z`` for tokens or maps ``y`` (zero while the context is ``off``).
+    def delta(self, y: Tensor, pool: bool = False) -> Tensor:
+        """``σ(g)·W_up z`` for tokens or maps ``y`` (zero while the context is ``off``); with
+        ``pool``, its mean over the tokens as (B, C), so that ``mean(y + delta(y))`` is
+        ``mean(y) + delta(y, pool=True)`` at one up-projection per row instead of one per token.
 
         The adapter always runs in float32, outside any autocast around the frozen tower (its
         attention in bfloat16 is slower on CPUs, and its small weights gain nothing from it); the
         result comes back in ``y``'s dtype."""
+        nchw = self.layout == "nchw"
+        tokens = y.flatten(2).transpose(1, 2) if nchw else y
         if self.ctx.off:
-            return torch.zeros_like(y)
-        a = torch.sigmoid(self.gate)
+            return y.new_zeros(tokens.shape[0], tokens.shape[-1]) if pool else torch.zeros_like(y)
+        mask = None if nchw else self.ctx.mask
         with torch.autocast(y.device.type, enabled=False):
-            if self.layout == "nchw":
-                tokens = y.flatten(2).transpose(1, 2).float()
-                out = (a * self.adapter(tokens, None)).transpose(1, 2).reshape(y.shape)
-            else:
-                out = a * self.adapter(y.float(), self.ctx.mask)
-        return out.to(y.dtype)
-
-    def pooled_delta(self, y: Tensor) -> Tensor:
-        """The token mean of :meth:`delta` for (B, C, H, W) maps ``y``, as (B, C): the adapter's
-        ``pool`` path, so ``mean(y + delta(y)) = mean(y) + pooled_delta(y)`` costs one up-projection
-        per map instead of one per token."""
-        if self.ctx.off:
-            return y.new_zeros(y.shape[:2])
-        with torch.autocast(y.device.type, enabled=False):
-            tokens = y.flatten(2).transpose(1, 2).float()
-            out = torch.sigmoid(self.gate) * self.adapter(tokens, None, pool=True)
+            out = torch.sigmoid(self.gate) * self.adapter(tokens.float(), mask, pool)
+        if nchw and not pool:
+            out = out.transpose(1, 2).reshape(y.shape)
         return out.to(y.dtype)
 
     def forward(self, x: Tensor) -> Tensor:

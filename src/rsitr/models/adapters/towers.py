@@ -269,7 +269,7 @@ class EfficientNetTower(AdaptedTower):
     ``site="head"`` puts one adapter on the head's output instead (``bn2``: the 1×1 head
     convolution's 1280-channel map after BN and ReLU6, 7×7 tokens), after the last frozen layer.
     Nothing frozen then runs in the suffix, and the pooled output is
-    ``mean(y) + σ(g)·W_up mean(z)`` (:meth:`GatedInsertion.pooled_delta`), so a training step
+    ``mean(y) + σ(g)·W_up mean(z)`` (:meth:`GatedInsertion.delta` with ``pool``), so a training step
     costs the adapter's down-projection and attention only, not the head convolution forwards and
     backwards that the ``blocks`` site needs; the cached prefix is the head map (4× the last
     block's)."""
@@ -344,7 +344,7 @@ class EfficientNetTower(AdaptedTower):
         with self._autocast(feats["y"].device):
             if self.site == "head":
                 y = feats["y"]
-                head = y.mean((2, 3)) + self.insertions[0].pooled_delta(y)
+                head = y.mean((2, 3)) + self.insertions[0].delta(y, pool=True)
                 pooled = [feats["pooled_prefix"]]
             else:
                 pooled, head = self._adapted(feats)

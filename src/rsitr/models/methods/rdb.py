@@ -243,8 +243,8 @@ class RDB(RetrievalMethod):
             return BottleneckAdapter(dim, r, attn, shared_for(from_end), cfg.attn_twice, cfg.inner_gate_init)
 
         kw = {"gate_init": cfg.gate_init, "placement": cfg.placement}
-        site = {"site": cfg.image_site} if cfg.image_site != "blocks" else {}
-        self.image_tower = adapted_tower(image_encoder, cfg.image_layers, image_adapter, **site, **kw)
+        kw_image = {**kw, "site": cfg.image_site}
+        self.image_tower = adapted_tower(image_encoder, cfg.image_layers, image_adapter, **kw_image)
         self.text_tower = adapted_tower(text_encoder, cfg.text_layers, text_adapter, **kw)
 
         head = cfg.head
