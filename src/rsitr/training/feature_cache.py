@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from rsitr.data.corpus import RetrievalCorpus
@@ -29,6 +30,12 @@ from rsitr.hashing import file_sha256
 logger = logging.getLogger(__name__)
 
 ComputeFn = Callable[[int, int], tuple[dict[str, Tensor], Tensor]]
+
+#: safetensors dtype names → torch dtypes (the ones features are stored in)
+_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 def data_fingerprint(corpus: RetrievalCorpus) -> str:
@@ -125,8 +132,24 @@ class FeatureCache:
                     "feature cache %s: shard %d/%d done, ETA %.0f s", folder.name, i + 1, len(shards), eta
                 )
             complete.write_text(json.dumps({"rows": n, "shards": len(shards)}))
-        parts = [load_file(str(p)) for p in shards]
-        keys = [k for k in parts[0] if k.startswith("feat.")] if parts else []
-        feats = {k[5:]: torch.cat([p[k] for p in parts]) for k in keys}
-        valid = torch.cat([p["valid"] for p in parts]).bool() if parts else torch.zeros(0, dtype=torch.bool)
-        return feats, valid
+        return _read_shards(shards, starts, n)
+
+
+def _read_shards(shards: list[Path], starts: list[int], n: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Concatenate the shards' tensors into tensors allocated once, reading one tensor at a time,
+    so the peak is the feature set plus one shard's tensor (``torch.cat`` of loaded shards holds
+    the set twice)."""
+    if not shards:
+        return {}, torch.zeros(0, dtype=torch.bool)
+    with safe_open(str(shards[0]), framework="pt") as f:
+        first = {k: f.get_slice(k) for k in f.keys()}
+        layout = {k: (sl.get_shape()[1:], _DTYPES[sl.get_dtype()]) for k, sl in first.items()}
+    out = {k: torch.empty((n, *shape), dtype=dtype) for k, (shape, dtype) in layout.items()}
+    for path, s in zip(shards, starts, strict=True):
+        with safe_open(str(path), framework="pt") as f:
+            for k in out:
+                t = f.get_tensor(k)
+                out[k][s : s + t.shape[0]].copy_(t)
+                del t
+    valid = out.pop("valid").bool()
+    return {k[5:]: v for k, v in out.items()}, valid

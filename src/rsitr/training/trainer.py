@@ -224,7 +224,8 @@ class Trainer:
         self, cache: FeatureCache, payload: dict[str, Any], n: int, compute: Any, bar: Any, task: Any
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Rank 0 computes (or reads) the cached feature set first; the other ranks then read it.
-        A set already read in this run (train and val share the source-wide sets) is not re-read."""
+        A set already read during setup (train and val share the source-wide sets) is not re-read;
+        setup then drops them, so a later read (the best checkpoint's val views) goes to disk."""
         key = cache_key(payload)
         if key in self._loaded:
             return self._loaded[key]
@@ -602,6 +603,13 @@ class Trainer:
             views = self.train_feats.image_views
             self.n_views = len(views)
             self.view_stack = {k: torch.stack([v[k] for v in views]) for k in views[0]}  # (V, N, …)
+            # the views become slices of the stack, and the source-wide sets are dropped, so the
+            # train features are held once (they were held three times: set, rows, stack)
+            self.train_feats.image_views = [
+                {k: s[i] for k, s in self.view_stack.items()} for i in range(self.n_views)
+            ]
+            self._loaded.clear()
+            del views
         else:
             from rsitr.data.datasets import CaptionPairDataset
             from rsitr.data.transforms import build_train_transform
