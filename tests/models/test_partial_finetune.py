@@ -110,7 +110,9 @@ def test_lite0_prefix_then_top_is_the_whole_tower(k: int) -> None:
                                "text_encoder": "tiny-text", "image_tune_stages": k, "head": "linear",
                                "freeze_image": True}, pretrained=False).eval()  # fmt: skip
     n_whole = sum(p.numel() for p in whole.parameters())
-    n_split = sum(p.numel() for p in m.image_encoder.parameters()) + sum(p.numel() for p in m.image_top.parameters())
+    n_split = sum(p.numel() for p in m.image_encoder.parameters()) + sum(
+        p.numel() for p in m.image_top.parameters()
+    )
     assert n_split == n_whole
     state = whole.state_dict()
     m.image_encoder.load_state_dict({k2: v for k2, v in state.items() if k2 in m.image_encoder.state_dict()})
@@ -156,7 +158,9 @@ def test_text_multi_pool_concatenates_every_layers_masked_mean(tiny_bert_spec: s
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+def test_auto_precision_is_bf16_only_where_it_is_native(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
     # An AVX2-only CPU emulates bf16 (slower than fp32): `auto` must pick fp32 there, and the
     # resolved precision, not "auto", is what the feature cache is keyed by.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

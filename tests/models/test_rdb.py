@@ -310,9 +310,13 @@ def test_anchored_and_normalised_weightings_keep_the_retrieval_term() -> None:
         v.grad = None
     norm(losses).backward()
     w = torch.stack(list(norm.weights(losses).values()))
-    assert float(w.sum()) == pytest.approx(3.0) and torch.allclose(w, 3 * torch.softmax(-norm.log_vars.detach(), 0))
+    assert float(w.sum()) == pytest.approx(3.0) and torch.allclose(
+        w, 3 * torch.softmax(-norm.log_vars.detach(), 0)
+    )
     assert all(float(losses[n].grad) == pytest.approx(float(w[i])) for i, n in enumerate(names))
-    assert torch.allclose(norm.log_vars.grad, 1 - torch.exp(-norm.log_vars.detach()) * torch.tensor([2.0, 0.5, 0.1]))
+    assert torch.allclose(
+        norm.log_vars.grad, 1 - torch.exp(-norm.log_vars.detach()) * torch.tensor([2.0, 0.5, 0.1])
+    )
 
 
 def test_cls_ignores_unlabelled_pairs_and_ema_ramps() -> None:

@@ -26,7 +26,8 @@ def test_trainer_fine_tunes_from_the_cache(tiny_synth: Path, tiny_bert_spec: str
     layers = create_text_encoder(tiny_bert_spec).layers  # the pretrained tower, unsplit
     for i, layer in enumerate(after.text_encoder.layers):  # the prefix: untouched
         assert all(
-            torch.equal(a, b) for a, b in zip(layer.state_dict().values(), layers[i].state_dict().values(), strict=True)
+            torch.equal(a, b)
+            for a, b in zip(layer.state_dict().values(), layers[i].state_dict().values(), strict=True)
         )
     moved = [not torch.equal(a, b) for a, b in zip(after.text_top[0].state_dict().values(),
                                                     layers[3].state_dict().values(), strict=True)]  # fmt: skip

@@ -142,7 +142,7 @@ def _read_shards(shards: list[Path], starts: list[int], n: int) -> tuple[dict[st
     if not shards:
         return {}, torch.zeros(0, dtype=torch.bool)
     with safe_open(str(shards[0]), framework="pt") as f:
-        first = {k: f.get_slice(k) for k in f.keys()}
+        first = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         layout = {k: (sl.get_shape()[1:], _DTYPES[sl.get_dtype()]) for k, sl in first.items()}
     out = {k: torch.empty((n, *shape), dtype=dtype) for k, (shape, dtype) in layout.items()}
     for path, s in zip(shards, starts, strict=True):

@@ -99,7 +99,13 @@ ON_MAP_PRESETS: dict[str, dict[str, Any]] = {
 }
 #: the parts that have momentum copies of their trainable parameters (the rest is training-only)
 MOMENTUM_PARTS = (
-    "image_encoder", "text_encoder", "gswin", "text_top", "image_proj", "global_head", "text_proj"
+    "image_encoder",
+    "text_encoder",
+    "gswin",
+    "text_top",
+    "image_proj",
+    "global_head",
+    "text_proj",
 )
 IGNORE = -100  # MLM label of positions that are not predicted
 
