@@ -151,6 +151,7 @@ class Trainer:
         self._scopes: dict[str, RetrievalCorpus | None] = {}
         self._fingerprints: dict[tuple[str, ...], str] = {}  # image paths → data_fingerprint
         self._loaded: dict[str, tuple[dict[str, Tensor], Tensor]] = {}
+        self._setup_done = False  # after setup, feature reads are rank 0's alone (no barriers)
 
     # --- setup -------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -224,8 +225,11 @@ class Trainer:
         self, cache: FeatureCache, payload: dict[str, Any], n: int, compute: Any, bar: Any, task: Any
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Rank 0 computes (or reads) the cached feature set first; the other ranks then read it.
-        A set already read during setup (train and val share the source-wide sets) is not re-read;
-        setup then drops them, so a later read (the best checkpoint's val views) goes to disk."""
+        A set already read during setup (train and val share the source-wide sets) is not re-read.
+        Setup then drops them, and a later read (the best checkpoint's val views, on rank 0 alone)
+        goes to disk with no barrier: every set it needs was extracted during setup."""
+        if self._setup_done:
+            return cache.get(payload, n, compute, lambda d, t: bar.update(task, completed=d))
         key = cache_key(payload)
         if key in self._loaded:
             return self._loaded[key]
@@ -609,6 +613,7 @@ class Trainer:
                 {k: s[i] for k, s in self.view_stack.items()} for i in range(self.n_views)
             ]
             self._loaded.clear()
+            self._setup_done = True
             del views
         else:
             from rsitr.data.datasets import CaptionPairDataset
