@@ -45,6 +45,7 @@ def test_train_checkpoint_evaluate(
     trainer = Trainer(load_config(None, _overrides(tiny_synth, tmp_path)), show_progress=False)
     summary = trainer.fit()
     assert summary["best_epoch"] == 1 and summary["trainable_params"] > 0
+    assert summary["peak_memory_mb"] > 50  # the process's peak RSS (torch alone is more)
     assert trainer.method.queue.size == 80  # 65,536 capped to the 16 images × 5 captions per epoch
     run_dir = tmp_path / "run"
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import resource
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -129,13 +127,6 @@ def inference_parameters(method: torch.nn.Module, images: torch.Tensor, texts: l
         method.train(was)
 
 
-def _peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
 def run_smoke(cfg: TrainConfig, config_name: str = "", work_dir: str | Path | None = None) -> dict[str, Any]:
     """Two optimiser steps and one evaluation of ``cfg``'s method on a tiny synthetic corpus.
 
@@ -149,7 +140,7 @@ def run_smoke(cfg: TrainConfig, config_name: str = "", work_dir: str | Path | No
         ``params_trained``, ``params_total``, ``step_seconds``, ``peak_memory_mb``, ``val_mR``,
         ``device``.
     """
-    from rsitr.training.trainer import Trainer
+    from rsitr.training.trainer import Trainer, peak_memory_mb
 
     with tempfile.TemporaryDirectory(prefix="rsitr-smoke-") as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -176,7 +167,7 @@ def run_smoke(cfg: TrainConfig, config_name: str = "", work_dir: str | Path | No
             "params_total": summary["total_params"],
             "steps": len(steps),
             "step_seconds": round(sum(steps) / max(1, len(steps)), 3),
-            "peak_memory_mb": round(_peak_memory_mb(trainer.device), 1),
+            "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
             "val_mR": round(float(summary["best_val"].get("mR", float("nan"))), 2),
             "device": trainer.device,
         }

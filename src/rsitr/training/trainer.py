@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import random
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -761,6 +763,7 @@ class Trainer:
             "ties": cfg.ties,
             "trainable_params": self.n_trainable,
             "total_params": self.n_params,
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
         }
         if self.dist.is_main and self.train_feats is not None and self._best_state is not None:
             summary["best_val_extras"] = self._val_extras()
@@ -788,3 +791,11 @@ def _flat(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}/{k}"] = v
     return out
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process in MiB: CUDA's allocator peak on a GPU, else the peak RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
