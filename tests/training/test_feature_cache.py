@@ -57,3 +57,51 @@ def test_an_interrupted_extraction_resumes_at_the_first_missing_shard(tmp_path: 
     feats, valid = FeatureCache(tmp_path, shard_size=3).get({"k": 2}, N, compute)
     assert calls == [(6, 7)]
     assert torch.equal(feats["map"], FULL["map"]) and torch.equal(valid, VALID)
+
+
+def test_trainer_holds_the_train_image_features_once(
+    tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The train views are written straight into one (V, N, …) stack, each view is a slice of it,
+    and no source-wide image set outlives setup (before, the train features were held three
+    times: the source-wide sets, their train rows, and the stack)."""
+    import weakref
+
+    from rsitr.training.config import load_config
+    from rsitr.training.trainer import Trainer
+    from tests.training.conftest import tiny_overrides
+
+    read: list[weakref.ref[torch.Tensor]] = []
+    alive: list[int] = []
+    images: list[dict[str, torch.Tensor]] = []
+    real_get = FeatureCache.get
+
+    def spying_get(self: FeatureCache, payload: dict, n: int, compute, progress=None):  # type: ignore[no-untyped-def]
+        feats, valid = real_get(self, payload, n, compute, progress)
+        if "view" in payload:  # an image set (caption sets have no view)
+            alive.append(sum(r() is not None for r in read))  # earlier image sets still held
+            read.extend(weakref.ref(v) for v in feats.values())
+            images.append({k: v.clone() for k, v in feats.items()})
+        return feats, valid
+
+    overrides = tiny_overrides(
+        tiny_synth, tmp_path, **{"model.freeze_image": "true", "model.freeze_text": "true",
+                                 "cache.enabled": "on", "cache.views": "[identity, hflip, rot90]",
+                                 "optim.epochs": 1})  # fmt: skip
+    monkeypatch.setattr(FeatureCache, "get", spying_get)
+    trainer = Trainer(load_config(None, overrides), show_progress=False)
+    trainer.fit()
+    assert len(images) >= 4  # three train views, then val's identity (and val's views at the end)
+    assert alive == [0] * len(alive)  # one source-wide image set at a time: peak = stack + one set
+    assert all(r() is None for r in read)  # and none outlives setup
+    stack, views = trainer.view_stack, trainer.train_feats.image_views
+    assert trainer.n_views == 3
+    scope = trainer._scopes[trainer.train_corpus.source]
+    assert scope is not None and scope.num_images > trainer.train_corpus.num_images  # all splits
+    row_of = {im.filename: i for i, im in enumerate(scope.images)}
+    rows = [row_of[im.filename] for im in trainer.train_corpus.images]
+    for k, s in stack.items():
+        assert s.shape[:2] == (3, trainer.train_corpus.num_images)
+        for i in range(3):
+            assert views[i][k].data_ptr() == s[i].data_ptr()  # a slice, not a copy
+            assert torch.equal(s[i], images[i][k][rows])  # view i's train rows, in corpus order

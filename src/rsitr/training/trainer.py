@@ -94,12 +94,14 @@ def load_split(cfg: TrainConfig, split: str, source: str | None = None) -> Retri
 
 @dataclass
 class FeatureSet:
-    """Cached frozen features of one corpus: per-view image features and caption features."""
+    """Cached frozen features of one corpus: per-view image features and caption features.
+    ``image_stack`` holds every view, (V, N, …) per key; ``image_views[i]`` are its slices."""
 
     image_views: list[dict[str, Tensor]]
     image_valid: Tensor
     text: dict[str, Tensor]
     text_views: list[dict[str, Tensor]] = field(default_factory=list)
+    image_stack: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -224,12 +226,21 @@ class Trainer:
         )
 
     def _rank0_first(
-        self, cache: FeatureCache, payload: dict[str, Any], n: int, compute: Any, bar: Any, task: Any
+        self,
+        cache: FeatureCache,
+        payload: dict[str, Any],
+        n: int,
+        compute: Any,
+        bar: Any,
+        task: Any,
+        memo: bool = True,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Rank 0 computes (or reads) the cached feature set first; the other ranks then read it.
-        A set already read during setup (train and val share the source-wide sets) is not re-read.
-        Setup then drops them, and a later read (the best checkpoint's val views, on rank 0 alone)
-        goes to disk with no barrier: every set it needs was extracted during setup."""
+        With ``memo``, a set already read during setup (train and val share the source-wide caption
+        set) is not re-read; image sets are not kept (they are the large ones: each is read, its
+        rows copied out, and dropped). Setup then drops the memo, and a later read (the best
+        checkpoint's val views, on rank 0 alone) goes to disk with no barrier: every set it needs
+        was extracted during setup."""
         if self._setup_done:
             return cache.get(payload, n, compute, lambda d, t: bar.update(task, completed=d))
         key = cache_key(payload)
@@ -241,7 +252,8 @@ class Trainer:
                 out = cache.get(payload, n, compute, lambda d, t: bar.update(task, completed=d))
             barrier()
         assert out is not None
-        self._loaded[key] = out
+        if memo:
+            self._loaded[key] = out
         return out
 
     def _cache_scope(self, corpus: RetrievalCorpus) -> tuple[RetrievalCorpus, np.ndarray, np.ndarray]:
@@ -296,12 +308,12 @@ class Trainer:
         base = {"method": m.name, "hook": type(m).__qualname__, "image_size": size}
         scope, rows, caption_rows = self._cache_scope(corpus)
         rows_t, caption_rows_t = torch.from_numpy(rows), torch.from_numpy(caption_rows)
-        out_views = []
+        stack: dict[str, Tensor] = {}  # (V, N, …): each view's rows go straight into it
         valid = torch.ones(corpus.num_images, dtype=torch.bool)
         files = tuple(f"{im.filename}:{im.path}" for im in scope.images)
         if files not in self._fingerprints:  # one content hash per scope, not per view and split
             self._fingerprints[files] = data_fingerprint(scope)
-        for view in views:
+        for i, view in enumerate(views):
             payload = {
                 **base,
                 **m.image_cache_identity(),
@@ -319,9 +331,11 @@ class Trainer:
 
             with self._progress(f"{role} images [{view}]") as bar:
                 task = bar.add_task("", total=scope.num_images)
-                feats, ok = self._rank0_first(cache, payload, scope.num_images, compute, bar, task)
-            out_views.append({k: v[rows_t] for k, v in feats.items()})
+                n = scope.num_images
+                feats, ok = self._rank0_first(cache, payload, n, compute, bar, task, memo=False)
+            _put_rows(stack, i, len(views), feats, rows_t)
             valid &= ok[rows_t]
+            del feats  # the source-wide set: peak = the stack + one set
         texts = []
         for tview in text_views:
             payload = {
@@ -342,7 +356,8 @@ class Trainer:
                 text_cache = FeatureCache(self.cfg.cache.dir, shard_size=8192)
                 text, _ = self._rank0_first(text_cache, payload, scope.num_captions, compute_text, bar, task)
             texts.append({k: v[caption_rows_t] for k, v in text.items()})
-        return FeatureSet(out_views, valid, texts[0], texts)
+        out_views = [{k: t[i] for k, t in stack.items()} for i in range(len(views))]
+        return FeatureSet(out_views, valid, texts[0], texts, image_stack=stack)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -606,17 +621,10 @@ class Trainer:
             )
             self.val_feats = self._features(self.val_corpus, ("identity",), "val")
             usable_img = self.train_feats.image_valid.numpy()
-            views = self.train_feats.image_views
-            self.n_views = len(views)
-            self.view_stack = {k: torch.stack([v[k] for v in views]) for k in views[0]}  # (V, N, …)
-            # the views become slices of the stack, and the source-wide sets are dropped, so the
-            # train features are held once (they were held three times: set, rows, stack)
-            self.train_feats.image_views = [
-                {k: s[i] for k, s in self.view_stack.items()} for i in range(self.n_views)
-            ]
+            self.n_views = len(self.train_feats.image_views)
+            self.view_stack = self.train_feats.image_stack  # (V, N, …); the views are its slices
             self._loaded.clear()
             self._setup_done = True
-            del views
         else:
             from rsitr.data.datasets import CaptionPairDataset
             from rsitr.data.transforms import build_train_transform
@@ -791,6 +799,15 @@ def _flat(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}/{k}"] = v
     return out
+
+
+def _put_rows(stack: dict[str, Tensor], i: int, n_views: int, feats: dict[str, Tensor], rows: Tensor) -> None:
+    """Copy ``rows`` of one view's source-wide ``feats`` into ``stack[k][i]`` (allocating the
+    (V, N, …) stack on the first view), holding no reference to ``feats`` afterwards."""
+    for k, v in feats.items():
+        if k not in stack:
+            stack[k] = torch.empty((n_views, len(rows), *v.shape[1:]), dtype=v.dtype)
+        torch.index_select(v, 0, rows, out=stack[k][i])
 
 
 def peak_memory_mb(device: str) -> float:
