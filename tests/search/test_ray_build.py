@@ -60,7 +60,10 @@ def test_single_process_and_ray_with_a_killed_worker_agree(
     assert sorted(got) == sorted(want)
     assert max(float(np.abs(got[i] - want[i]).max()) for i in want) <= 1e-6
     assert not (tmp_path / "killed_ray" / "embeddings").exists()  # the staged shards are gone once published
-    with Index.open(tmp_path / "killed_ray", assets.ckpt) as a, Index.open(tmp_path / "single", assets.ckpt) as b:
+    with (
+        Index.open(tmp_path / "killed_ray", assets.ckpt) as a,
+        Index.open(tmp_path / "single", assets.ckpt) as b,
+    ):
         assert [h.id for h in a.search_text("two grey airplanes", k=10)] == [
             h.id for h in b.search_text("two grey airplanes", k=10)
         ]

@@ -94,8 +94,9 @@ def test_trainer_holds_the_train_image_features_once(
     assert len(images) >= 4  # three train views, then val's identity (and val's views at the end)
     assert alive == [0] * len(alive)  # one source-wide image set at a time: peak = stack + one set
     assert all(r() is None for r in read)  # and none outlives setup
-    stack, views = trainer.view_stack, trainer.train_feats.image_views
-    assert trainer.n_views == 3
+    feats = trainer.train_feats
+    assert feats is not None and feats.n_views == 3
+    stack, views = feats.image_stack, feats.image_views
     scope = trainer._scopes[trainer.train_corpus.source]
     assert scope is not None and scope.num_images > trainer.train_corpus.num_images  # all splits
     row_of = {im.filename: i for i, im in enumerate(scope.images)}

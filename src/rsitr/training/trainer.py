@@ -94,14 +94,22 @@ def load_split(cfg: TrainConfig, split: str, source: str | None = None) -> Retri
 
 @dataclass
 class FeatureSet:
-    """Cached frozen features of one corpus: per-view image features and caption features.
-    ``image_stack`` holds every view, (V, N, …) per key; ``image_views[i]`` are its slices."""
+    """Cached frozen features of one corpus: image features of every view, stacked (V, N, …) per
+    key, and caption features."""
 
-    image_views: list[dict[str, Tensor]]
+    image_stack: dict[str, Tensor]
     image_valid: Tensor
     text: dict[str, Tensor]
     text_views: list[dict[str, Tensor]] = field(default_factory=list)
-    image_stack: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def n_views(self) -> int:
+        return next(iter(self.image_stack.values())).shape[0]
+
+    @property
+    def image_views(self) -> list[dict[str, Tensor]]:
+        """One ``{key: (N, …)}`` per view: slices of the stack, not copies."""
+        return [{k: t[i] for k, t in self.image_stack.items()} for i in range(self.n_views)]
 
 
 @dataclass
@@ -309,6 +317,7 @@ class Trainer:
         scope, rows, caption_rows = self._cache_scope(corpus)
         rows_t, caption_rows_t = torch.from_numpy(rows), torch.from_numpy(caption_rows)
         stack: dict[str, Tensor] = {}  # (V, N, …): each view's rows go straight into it
+        n_img = scope.num_images
         valid = torch.ones(corpus.num_images, dtype=torch.bool)
         files = tuple(f"{im.filename}:{im.path}" for im in scope.images)
         if files not in self._fingerprints:  # one content hash per scope, not per view and split
@@ -330,9 +339,8 @@ class Trainer:
                 )  # fmt: skip
 
             with self._progress(f"{role} images [{view}]") as bar:
-                task = bar.add_task("", total=scope.num_images)
-                n = scope.num_images
-                feats, ok = self._rank0_first(cache, payload, n, compute, bar, task, memo=False)
+                task = bar.add_task("", total=n_img)
+                feats, ok = self._rank0_first(cache, payload, n_img, compute, bar, task, memo=False)
             _put_rows(stack, i, len(views), feats, rows_t)
             valid &= ok[rows_t]
             del feats  # the source-wide set: peak = the stack + one set
@@ -356,8 +364,7 @@ class Trainer:
                 text_cache = FeatureCache(self.cfg.cache.dir, shard_size=8192)
                 text, _ = self._rank0_first(text_cache, payload, scope.num_captions, compute_text, bar, task)
             texts.append({k: v[caption_rows_t] for k, v in text.items()})
-        out_views = [{k: t[i] for k, t in stack.items()} for i in range(len(views))]
-        return FeatureSet(out_views, valid, texts[0], texts, image_stack=stack)
+        return FeatureSet(stack, valid, texts[0], texts)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -430,9 +437,11 @@ class Trainer:
         img_ids = torch.as_tensor(self.caption_to_image[caps.numpy()])
         g = torch.Generator().manual_seed((self.cfg.seed * 7919 + epoch) * 100_003 + step)
         part = slice(offset, offset + len(caps))
-        views = torch.randint(self.n_views, (global_bs,), generator=g)[part]  # one cached view per pair
+        feats = self.train_feats
+        assert feats is not None
+        views = torch.randint(feats.n_views, (global_bs,), generator=g)[part]  # one cached view per pair
         return {
-            "image_feats": {k: v[views, img_ids].to(self.device) for k, v in self.view_stack.items()},
+            "image_feats": {k: v[views, img_ids].to(self.device) for k, v in feats.image_stack.items()},
             "text_feats": self._text_batch(caps, g, part, global_bs),
             "image_id": (caps if self.positives == "diagonal" else img_ids).to(self.device),
             "scene": torch.as_tensor(self.scenes[img_ids.numpy()]).to(self.device),
@@ -621,8 +630,6 @@ class Trainer:
             )
             self.val_feats = self._features(self.val_corpus, ("identity",), "val")
             usable_img = self.train_feats.image_valid.numpy()
-            self.n_views = len(self.train_feats.image_views)
-            self.view_stack = self.train_feats.image_stack  # (V, N, …); the views are its slices
             self._loaded.clear()
             self._setup_done = True
         else:
