@@ -133,7 +133,8 @@ def test_fresh_adapters_reproduce_frozen_offline_embeddings() -> None:
     x = torch.randn(2, 3, 96, 96)
     tok = m.tokenize(["two planes beside a terminal", "a river"])
     with torch.no_grad():
-        assert torch.equal(m.image_tower(x), m.image_encoder(x).pooled)
+        # equal up to float rounding: the frozen encoder's own pass folds its BatchNorms
+        torch.testing.assert_close(m.image_tower(x), m.image_encoder(x).pooled, rtol=1e-5, atol=1e-5)
         assert torch.equal(
             m.text_tower(tok["input_ids"], tok["attention_mask"]), m.text_encoder(**tok).pooled
         )

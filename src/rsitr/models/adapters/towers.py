@@ -306,17 +306,17 @@ class EfficientNetTower(AdaptedTower):
         return {k: v.float() for k, v in out.items()}
 
     def _stem(self, images: Tensor) -> Tensor:
-        m = self.encoder.model
-        return m.blocks[0](m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last))))
+        m, fold = self.encoder.model, self.encoder.folded  # frozen parts: BatchNorm folded
+        return fold(m.conv_stem, m.bn1, m.blocks[0])(images.contiguous(memory_format=torch.channels_last))
 
     def _head_prefix(self, images: Tensor) -> Features:
         """The whole frozen tower: the head map ``y`` and the stage averages from stride 4 on."""
-        m = self.encoder.model
+        m, fold = self.encoder.model, self.encoder.folded
         x, pooled = self._stem(images), []
-        for stage in m.blocks[1:]:
+        for stage in fold(m.blocks)[1:]:
             x = stage(x)
             pooled.append(x.mean((2, 3)))
-        return {"y": m.bn2.inner(m.conv_head(x)), "pooled_prefix": torch.cat(pooled, 1)}
+        return {"y": fold(m.conv_head, m.bn2.inner)(x), "pooled_prefix": torch.cat(pooled, 1)}
 
     def _prefix(self, images: Tensor) -> Features:
         x = self._stem(images)

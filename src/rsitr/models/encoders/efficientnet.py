@@ -32,6 +32,7 @@ from rsitr.models.encoders._weights import (
     resolve_file,
 )
 from rsitr.models.encoders.base import ImageEncoder, ImageOutput
+from rsitr.models.encoders.bn_folding import FoldedInference
 from rsitr.models.precision import resolve_precision
 
 __all__ = [
@@ -190,6 +191,8 @@ class EfficientNetLiteEncoder(ImageEncoder):
         self.prefix_stages = len(stage_chs)  # fewer once split_lite_top moved stages out
         model.reset_classifier(0)  # the 1000-class head is not part of the encoder
         self.model = model.to(memory_format=torch.channels_last)  # see forward()
+        #: BatchNorm-folded copies of the frozen parts, for the passes that do not train them
+        self.folded = FoldedInference()
         self.image_size = model.pretrained_cfg["input_size"][-1]
         self.mean = tuple(model.pretrained_cfg["mean"])
         self.std = tuple(model.pretrained_cfg["std"])
@@ -199,16 +202,16 @@ class EfficientNetLiteEncoder(ImageEncoder):
 
     def forward(self, images: Tensor) -> ImageOutput:
         """Encode (B, 3, H, W) images normalised with :attr:`mean`/:attr:`std`."""
-        m = self.model
+        m, fold = self.model, self.folded  # frozen: BatchNorm folded into the convolutions
         bf16 = self.precision == "bf16"
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             # Depthwise convolutions run about 2x faster on CPU in channels-last layout.
-            x = m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last)))  # bn1: +ReLU6
+            x = fold(m.conv_stem, m.bn1)(images.contiguous(memory_format=torch.channels_last))  # +ReLU6
             stages = []
-            for block in m.blocks:
+            for block in fold(m.blocks):
                 x = block(x)
                 stages.append(x)
-            head = m.bn2(m.conv_head(x))  # (B, 1280, H/32, W/32)
+            head = fold(m.conv_head, m.bn2)(x)  # (B, 1280, H/32, W/32)
         if bf16:
             stages, head = [s.float() for s in stages], head.float()
         pooled = head.mean((2, 3))
@@ -222,12 +225,12 @@ class EfficientNetLiteEncoder(ImageEncoder):
         """The frozen prefix of a split encoder (:func:`split_lite_top`): ``map``, the last
         frozen stage's output, and ``pooled_prefix``, the averages of the frozen stages from
         stride 4 on (the first part of the ``multi`` pooled vector)."""
-        m = self.model
+        m, fold = self.model, self.folded
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            x = m.bn1(m.conv_stem(images.contiguous(memory_format=torch.channels_last)))
-            pooled = []
+            x = fold(m.conv_stem, m.bn1)(images.contiguous(memory_format=torch.channels_last))
+            pooled, blocks = [], fold(m.blocks)
             for i in range(self.prefix_stages):
-                x = m.blocks[i](x)
+                x = blocks[i](x)
                 if i >= 1:
                     pooled.append(x.mean((2, 3)))
         return {"map": x.float(), "pooled_prefix": torch.cat(pooled, 1).float()}
