@@ -124,7 +124,8 @@ def test_lite0_prefix_then_top_is_the_whole_tower(k: int) -> None:
     feats = m.image_features(x)
     assert feats["map"].shape[1] == (320, 192, 112)[k - 1]
     with torch.no_grad():
-        torch.testing.assert_close(m.image_top(feats), whole(x).pooled, atol=1e-5, rtol=1e-5)
+        # up to float rounding: the frozen prefix runs with its BatchNorms folded
+        torch.testing.assert_close(m.image_top(feats), whole(x).pooled, atol=1e-4, rtol=1e-4)
     assert m.image_cache_identity() == {"image_tune_stages": k} and m.cache_dtype == torch.float16
     assert m.text_cache_dtype == torch.float32  # the text cache is the untuned runs' one
     assert {id(p) for p in m.image_top.parameters()} <= {id(p) for p in m.param_groups()["backbone"]}
