@@ -23,9 +23,10 @@ from torch import nn
 __all__ = ["FoldedInference", "fold_batchnorm"]
 
 #: containers whose conv → BatchNorm pairs are registered in data-flow order: timm's EfficientNet
-#: blocks (``conv_pw``/``bn1``, ``conv_dw``/``bn2``, ``conv_pwl``/``bn3``; the stem's ``conv_dw``/
-#: ``bn1``, ``conv_pw``/``bn2``), checked by class name so that the rule never guesses elsewhere
-_ORDERED_BLOCKS = ("DepthwiseSeparableConv", "InvertedResidual", "EdgeResidual", "ConvBnAct")
+#: (``conv_stem``/``bn1``, ``conv_head``/``bn2``) and its blocks (``conv_pw``/``bn1``, ``conv_dw``/
+#: ``bn2``, ``conv_pwl``/``bn3``; the stem's ``conv_dw``/``bn1``, ``conv_pw``/``bn2``), checked by
+#: class name so that the rule never guesses elsewhere
+_ORDERED_BLOCKS = ("EfficientNet", "DepthwiseSeparableConv", "InvertedResidual", "EdgeResidual", "ConvBnAct")
 
 
 def _batchnorm(module: nn.Module) -> tuple[nn.Module, str] | None:
@@ -73,7 +74,7 @@ def _fold_children(parent: nn.Module, names: list[str]) -> None:
 
 
 def _walk(module: nn.Module) -> None:
-    if type(module).__name__ in _ORDERED_BLOCKS or type(module).__name__ == "EfficientNet":
+    if type(module).__name__ in _ORDERED_BLOCKS:
         _fold_children(module, list(module._modules))
     for child in module.children():
         _walk(child)
