@@ -59,6 +59,25 @@ def test_an_interrupted_extraction_resumes_at_the_first_missing_shard(tmp_path: 
     assert torch.equal(feats["map"], FULL["map"]) and torch.equal(valid, VALID)
 
 
+def test_two_runs_on_one_cache_split_the_shards(tmp_path: Path) -> None:
+    """A second run filling the same cache meanwhile: the first skips what it wrote."""
+    first: list[tuple[int, int]] = []
+    second: list[tuple[int, int]] = []
+    compute_second = _compute(second)
+    compute_first = _compute(first)
+
+    def first_run(s: int, e: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if s == 0:  # while the first run computes shard 0, the second fills every shard
+            FeatureCache(tmp_path, shard_size=3).get({"k": 3}, N, compute_second)
+        return compute_first(s, e)
+
+    feats, valid = FeatureCache(tmp_path, shard_size=3).get({"k": 3}, N, first_run)
+    assert second == [(0, 3), (3, 6), (6, 7)]
+    assert first == [(0, 3)]  # shards 1 and 2 were already there
+    assert torch.equal(feats["map"], FULL["map"]) and torch.equal(valid, VALID)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_trainer_holds_the_train_image_features_once(
     tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

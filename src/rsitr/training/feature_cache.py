@@ -5,7 +5,8 @@ once and stored as safetensors shards under ``<dir>/<key>/``. The key hashes the
 identity (name, weights, preprocessing), the method's feature hook, the image view and the data
 (file names, sizes and modification times; or the caption strings). Extraction writes one shard
 per block of images and a ``complete.json`` at the end, so an interrupted extraction resumes at
-the first missing shard.
+the first missing shard. Runs sharing one cache split the work: each skips the shards another
+has written, and each writes through its own temporary file.
 """
 
 from __future__ import annotations
@@ -116,11 +117,13 @@ class FeatureCache:
                 )
             t0 = time.perf_counter()
             for j, i in enumerate(todo):
+                if shards[i].exists():  # another run on the same cache wrote it meanwhile
+                    continue
                 s, e = starts[i], min(starts[i] + self.shard_size, n)
                 feats, valid = compute(s, e)
                 tensors = {f"feat.{k}": v.contiguous() for k, v in feats.items()}
                 tensors["valid"] = valid.to(torch.uint8)
-                tmp = shards[i].with_name(shards[i].name + ".tmp")
+                tmp = shards[i].with_name(f"{shards[i].name}.{os.getpid()}.tmp")  # one per writer
                 save_file(tensors, str(tmp))
                 os.replace(tmp, shards[i])
                 if progress is not None:
