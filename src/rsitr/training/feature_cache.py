@@ -3,7 +3,7 @@
 When a tower is frozen, its outputs are a fixed function of the input, so they are computed
 once and stored as safetensors shards under ``<dir>/<key>/``. The key hashes the encoder's
 identity (name, weights, preprocessing), the method's feature hook, the image view and the data
-(file names, sizes and modification times; or the caption strings). Extraction writes one shard
+(file names and SHA-256 of their contents; or the caption strings). Extraction writes one shard
 per block of images and a ``complete.json`` at the end, so an interrupted extraction resumes at
 the first missing shard. Runs sharing one cache split the work: each skips the shards another
 has written, and each writes through its own temporary file.
