@@ -76,15 +76,7 @@ def build_cmd(
 ) -> None:
     """Index an image archive: resumable (re-run after an interruption), incremental (re-run after
     the folder changed), with a progress bar and ETA; unreadable files are skipped and listed."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
+    from rsitr.cli.progress import progress_reporter
     from rsitr.cli.train import setup_logging
     from rsitr.retrieval.index import RayOptions, build_index
     from rsitr.training.trainer import resolve_device
@@ -94,16 +86,7 @@ def build_cmd(
     if engine == "local" and (ray_address is not None or gpus_per_worker):
         raise ConfigError("--ray-address and --gpus-per-worker apply to --engine ray only")
     ray = RayOptions(ray_address, workers, gpus_per_worker) if engine == "ray" else None
-    columns = (
-        TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(),
-    )  # fmt: skip
-    with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
-        task = bar.add_task("embed", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with progress_reporter("embedding", disable=as_json) as progress:
         report = build_index(
             images, checkpoint, out, batch_size=batch_size, vector_config=cfg,
             device=resolve_device(device), workers=workers, progress=progress, tta=tta,

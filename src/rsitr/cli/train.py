@@ -147,6 +147,7 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Evaluate a checkpoint on a split with the RSITR protocol."""
+    from rsitr.cli.progress import progress_reporter
     from rsitr.cli.protocol import load_rerank_config
     from rsitr.data import load_corpus
     from rsitr.retrieval.embed import evaluate_corpus, parse_views
@@ -178,10 +179,11 @@ def evaluate_cmd(
             raise ConfigError(f"--query-bank {query_bank}: the bank must not be the evaluated split")
         bank_corpus = load_corpus(data, split=query_bank, fmt=fmt, images=images, labels=labels)
     dev = next(method.parameters()).device
-    metrics, clean, img, txt = evaluate_corpus(
-        method, corpus, ties=ties, rerank=rerank, rerank_params=params, itm_rescore=itm_rescore,
-        batch_size=batch_size, device=dev, views=views, bank_corpus=bank_corpus,
-    )  # type: ignore[arg-type]  # fmt: skip
+    with progress_reporter("images", disable=as_json) as progress:
+        metrics, clean, img, txt = evaluate_corpus(
+            method, corpus, ties=ties, rerank=rerank, rerank_params=params, itm_rescore=itm_rescore,
+            batch_size=batch_size, device=dev, views=views, bank_corpus=bank_corpus, progress=progress,
+        )  # type: ignore[arg-type]  # fmt: skip
     if len(views) > 1:
         metrics.extra["tta_views"] = list(views)
     if bank_corpus is not None:
@@ -216,6 +218,7 @@ def embed_cmd(
     tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
 ) -> None:
     """Export L2-normalised image and caption embeddings of a corpus (npz, no pickle)."""
+    from rsitr.cli.progress import progress_reporter
     from rsitr.data import load_corpus
     from rsitr.retrieval.embed import embed_corpus, parse_views, save_embeddings
 
@@ -225,9 +228,15 @@ def embed_cmd(
     method = _load(checkpoint, device)
     corpus, _ = load_corpus(data, split=split, fmt=fmt, images=images).drop_blank_captions("eval")
     views = parse_views(tta)
-    img, txt = embed_corpus(
-        method, corpus, batch_size=batch_size, device=next(method.parameters()).device, views=views
-    )
+    with progress_reporter("images") as progress:
+        img, txt = embed_corpus(
+            method,
+            corpus,
+            batch_size=batch_size,
+            device=next(method.parameters()).device,
+            views=views,
+            progress=progress,
+        )
     save_embeddings(out, img, txt, corpus)
     dim = img.shape[1] if img.numel() else 0
     console.print(f"wrote {out}: {img.shape[0]} images, {txt.shape[0]} captions, dim {dim}")

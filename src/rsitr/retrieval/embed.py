@@ -230,6 +230,14 @@ def _slice(feats: dict[str, Tensor], s: int, e: int, device: str | torch.device)
 
 
 @torch.no_grad()
+def view_progress(progress: Progress | None, view: int, n_views: int) -> Progress | None:
+    """``progress`` over all views: view ``view`` of ``n_views`` reports ``(view·total + done,
+    n_views·total)``, so one bar runs once from 0 to the end instead of once per view."""
+    if progress is None or n_views == 1:
+        return progress
+    return lambda done, total: progress(view * total + done, n_views * total)
+
+
 def embed_from_features(
     encode: Callable[..., Tensor],
     feats: dict[str, Tensor],
@@ -269,10 +277,10 @@ def embed_corpus(
         img = embed_from_features(method.encode_image, image_feats, device=device)
     else:
         per_view = []
-        for view in views:
+        for v, view in enumerate(views):
             feats, _ = image_features(
                 method, corpus, view=view, batch_size=batch_size, device=device, num_workers=num_workers,
-                on_error=on_error, progress=progress,
+                on_error=on_error, progress=view_progress(progress, v, len(views)),
             )  # fmt: skip
             per_view.append(embed_from_features(method.encode_image, feats, device=device))
         img = average_views(per_view)
@@ -387,7 +395,7 @@ def evaluate_corpus(
             if bank_corpus is None:
                 raise ConfigError(f"--rerank {rerank}: needs a query bank split (--query-bank train)")
             bank_clean = bank_corpus.drop_blank_captions("eval")[0]
-            bank = embed_corpus(method, bank_clean, **{**embed_kwargs, "progress": None, "views": views})
+            bank = embed_corpus(method, bank_clean, **{**embed_kwargs, "views": views})  # progress restarts
         metrics = evaluate_embeddings(img, txt, clean, ties, rerank, rerank_params, bank=bank)
     if unreadable:
         metrics.extra["unreadable_images"] = unreadable
@@ -416,7 +424,8 @@ def _readable_image_features(
     keys = ("batch_size", "device", "num_workers", "on_error", "progress", "image_size")
     kw = {k: v for k, v in embed_kwargs.items() if k in keys}
     per_view, valid = [], torch.ones(corpus.num_images, dtype=torch.bool)
-    for view in views:
+    for v, view in enumerate(views):
+        kw["progress"] = view_progress(embed_kwargs.get("progress"), v, len(views))
         feats, ok = image_features(method, corpus, view=view, **kw)
         per_view.append(feats)
         valid &= ok
