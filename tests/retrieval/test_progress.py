@@ -22,12 +22,12 @@ def test_view_progress_runs_once_over_all_views() -> None:
 
 
 def test_progress_off_a_terminal_logs_each_tenth_and_restarts(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="rsitr.cli.progress"):
-        with progress_reporter("images") as progress:  # pytest's stdout is not a terminal
-            for done in range(0, 101):
-                progress(done, 100)
-            for done in (50, 100):  # a second pass (a query bank)
-                progress(done, 200)
+    # pytest's stdout is not a terminal
+    with caplog.at_level(logging.INFO, logger="rsitr.cli.progress"), progress_reporter("images") as progress:
+        for done in range(0, 101):
+            progress(done, 100)
+        for done in (50, 100):  # a second pass (a query bank)
+            progress(done, 200)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 12, lines  # 10 %, 20 %, …, 100 % of the first pass, then 25 %, 50 %
     assert [m.split(",")[0] for m in lines[:10]] == [f"images: {10 * i}/100" for i in range(1, 11)]
@@ -35,7 +35,9 @@ def test_progress_off_a_terminal_logs_each_tenth_and_restarts(caplog: pytest.Log
 
 
 def test_progress_disabled_is_silent(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="rsitr.cli.progress"):
-        with progress_reporter("images", disable=True) as progress:
-            progress(5, 10)
+    with (
+        caplog.at_level(logging.INFO, logger="rsitr.cli.progress"),
+        progress_reporter("images", disable=True) as p,
+    ):
+        p(5, 10)
     assert not caplog.records

@@ -131,20 +131,32 @@ def tune_rerank_cmd(
             help="Validation score matrix or `rsitr embed` embeddings (never test).",
         ),
     ],
-    rerank_name: Annotated[str, typer.Option("--rerank", help="smr|mr")] = "smr",
+    rerank_name: Annotated[str, typer.Option("--rerank", help="smr|mr|qb-norm")] = "smr",
     captions_per_image: Annotated[int, typer.Option("--captions-per-image")] = 5,
-    ks: Annotated[str, typer.Option("--k-list", help="Comma-separated k values.")] = "10,20,30",
+    ks: Annotated[
+        str | None,
+        typer.Option("--k-list", help="Comma-separated k values (default 10,20,30; qb-norm 1,5)."),
+    ] = None,
+    bank: Annotated[
+        Path | None,
+        typer.Option("--bank", help="qb-norm's query bank: `rsitr embed` .npz of the training split."),
+    ] = None,
     ties: Annotated[str, typer.Option(help="Tie policy: pessimistic|optimistic.")] = "pessimistic",
     out: Annotated[Path, typer.Option("--out", help="Where to save the best parameters (YAML).")] = Path(
         "rerank.yaml"
     ),
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Grid-search SMR (γ1, γ2 ∈ 0.5…2.0) or MR (Wp1, Wp2) and k on validation scores."""
+    """Grid-search SMR (γ1, γ2 ∈ 0.5…2.0), MR (Wp1, Wp2) or QB-Norm (β, with --bank) and k on
+    validation scores."""
     from rich.progress import Progress
 
     from rsitr.retrieval.tune import tune_rerank
 
+    if ks is None:
+        ks = "1,5" if rerank_name == "qb-norm" else "10,20,30"
+    if bank is not None and rerank_name != "qb-norm":
+        raise ConfigError("--bank is the query bank of --rerank qb-norm")
     try:
         k_values = [int(v) for v in ks.split(",") if v.strip()]
     except ValueError:
@@ -152,6 +164,7 @@ def tune_rerank_cmd(
     if not k_values:
         raise ConfigError("--k-list is empty")
     scores, rel = scores_and_relevance(scores_path, captions_per_image, mmap=False)
+    qbank = query_bank_from_npz(scores_path, bank) if bank is not None else None
     with Progress(console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task(f"tuning {rerank_name}", total=None)
         result = tune_rerank(
@@ -161,8 +174,11 @@ def tune_rerank_cmd(
             k_values,
             ties,  # type: ignore[arg-type]
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            bank=qbank,
         )
     report = {**result.to_dict(), "source": str(scores_path)}
+    if bank is not None:
+        report["bank"] = str(bank)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(yaml.safe_dump(report, sort_keys=False))
     tmp.replace(out)
@@ -171,5 +187,6 @@ def tune_rerank_cmd(
         return
     console.print(
         f"{rerank_name}: best {result.params} → val mR {result.val_mR:.2f} "
-        f"(without rerank {result.baseline_mR:.2f}, ties {ties}, transductive); saved {out}"
+        f"(without rerank {result.baseline_mR:.2f}, ties {ties}, "
+        f"{'transductive' if result.transductive else 'non-transductive'}); saved {out}"
     )
