@@ -71,9 +71,13 @@ def test_two_runs_on_one_cache_split_the_shards(tmp_path: Path) -> None:
             FeatureCache(tmp_path, shard_size=3).get({"k": 3}, N, compute_second)
         return compute_first(s, e)
 
-    feats, valid = FeatureCache(tmp_path, shard_size=3).get({"k": 3}, N, first_run)
+    reported: list[tuple[int, int]] = []
+    feats, valid = FeatureCache(tmp_path, shard_size=3).get(
+        {"k": 3}, N, first_run, progress=lambda done, total: reported.append((done, total))
+    )
     assert second == [(0, 3), (3, 6), (6, 7)]
     assert first == [(0, 3)]  # shards 1 and 2 were already there
+    assert reported == [(7, 7)] * 3  # the other run's shards count as done: no jump at the end
     assert torch.equal(feats["map"], FULL["map"]) and torch.equal(valid, VALID)
     assert not list(tmp_path.rglob("*.tmp"))
 

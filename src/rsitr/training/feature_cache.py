@@ -106,6 +106,7 @@ class FeatureCache:
         complete = folder / "complete.json"
         starts = list(range(0, n, self.shard_size))
         shards = [folder / f"shard_{i:05d}.safetensors" for i in range(len(starts))]
+        rows = [min(st + self.shard_size, n) - st for st in starts]
         if not complete.exists():
             todo = [i for i, p in enumerate(shards) if not p.exists()]
             if len(todo) < len(shards):
@@ -115,22 +116,23 @@ class FeatureCache:
                     len(shards) - len(todo),
                     len(shards),
                 )
-            t0 = time.perf_counter()
+            t0, computed = time.perf_counter(), 0
             for j, i in enumerate(todo):
-                if shards[i].exists():  # another run on the same cache wrote it meanwhile
-                    continue
-                s, e = starts[i], min(starts[i] + self.shard_size, n)
-                feats, valid = compute(s, e)
-                tensors = {f"feat.{k}": v.contiguous() for k, v in feats.items()}
-                tensors["valid"] = valid.to(torch.uint8)
-                tmp = shards[i].with_name(f"{shards[i].name}.{os.getpid()}.tmp")  # one per writer
-                save_file(tensors, str(tmp))
-                os.replace(tmp, shards[i])
-                if progress is not None:
-                    progress(e, n)
-                # A log line per shard, so that non-interactive runs (logs, CI) show progress too.
-                elapsed = time.perf_counter() - t0
-                eta = elapsed / (j + 1) * (len(todo) - j - 1)
+                s, e = starts[i], starts[i] + rows[i]
+                if not shards[i].exists():  # else another run on the same cache wrote it meanwhile
+                    feats, valid = compute(s, e)
+                    tensors = {f"feat.{k}": v.contiguous() for k, v in feats.items()}
+                    tensors["valid"] = valid.to(torch.uint8)
+                    tmp = shards[i].with_name(f"{shards[i].name}.{os.getpid()}.tmp")  # one per writer
+                    save_file(tensors, str(tmp))
+                    os.replace(tmp, shards[i])
+                    computed += 1
+                if progress is not None:  # rows in written shards, whoever wrote them
+                    progress(sum(r for r, p in zip(rows, shards, strict=True) if p.exists()), n)
+                # A log line per shard, so that non-interactive runs (logs, CI) show progress too;
+                # the ETA rates the shards this run computed over the ones still missing.
+                left = sum(not shards[k].exists() for k in todo[j + 1 :])
+                eta = (time.perf_counter() - t0) / max(computed, 1) * left
                 logger.info(
                     "feature cache %s: shard %d/%d done, ETA %.0f s", folder.name, i + 1, len(shards), eta
                 )
